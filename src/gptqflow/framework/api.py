@@ -1,0 +1,57 @@
+"""The Python API behind :func:`gptqflow.run`: compose, validate, pre-flight, run."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gptqflow.framework.compose import compose_recipe, register_resolvers, to_plain
+from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.errors import GptqflowError
+from gptqflow.framework.preflight import preflight
+from gptqflow.framework.runner import Runner
+from gptqflow.framework.schema import Recipe, validate_recipe
+
+
+def resolve_config(config: Any, overrides: list[str], config_dir: str | None) -> dict[str, Any]:
+    """A recipe name, a YAML path, a dict or a DictConfig -> a resolved plain dict."""
+    if isinstance(config, str) and not config.endswith((".yaml", ".yml")):
+        return compose_recipe(config, overrides, config_dir)
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        return compose_recipe(path.stem, overrides, str(path.parent))
+    register_resolvers()
+    cfg = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    return to_plain(cfg)  # type: ignore[arg-type]
+
+
+def execute(resolved: dict[str, Any], ctx: DistContext | None = None, *, source: str | None = None) -> dict[str, Any]:
+    """Validate and run a resolved recipe in this process; return the report."""
+    recipe: Recipe = validate_recipe(resolved, file=source)
+    preflight(recipe)
+    own = ctx is None
+    if ctx is None:
+        rt = recipe.runtime
+        ctx = DistContext.from_environment(backend=rt.backend, device=rt.device, timeout_s=rt.timeout_s)
+    try:
+        return Runner(recipe, resolved, ctx).run()
+    finally:
+        if own:
+            ctx.close()
+
+
+def run_recipe(config: Any, overrides: list[str], config_dir: str | None) -> dict[str, Any]:
+    """Compose (if needed), validate and run a recipe in this process."""
+    resolved = resolve_config(config, overrides, config_dir)
+    if int(resolved.get("runtime", {}).get("nproc_per_node", 1)) > 1:
+        raise GptqflowError(
+            "gptqflow.run() runs in this process (one rank); for runtime.nproc_per_node > 1 "
+            "use the `gptqflow run` command, which starts the ranks"
+        )
+    logging.getLogger("gptqflow").setLevel(logging.INFO)
+    return execute(resolved)

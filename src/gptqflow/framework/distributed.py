@@ -1,0 +1,201 @@
+"""The distributed context: the only module (with the launcher) that touches torch.distributed.
+
+The runner builds one :class:`DistContext` and hands it to every stage. Stages speak
+in verbs (``shard``, ``all_reduce_sum``, ``broadcast_from``, ``barrier``,
+``gather_objects``) and never ask "am I distributed?": at world size 1 the same verbs
+run and simply have nobody to talk to. This keeps every rank-dependent decision in
+one file that can be read, reviewed and tested on its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from gptqflow.framework.errors import GptqflowError
+
+
+class Handle(Protocol):
+    """An in-flight collective; ``wait()`` blocks until its tensors are usable."""
+
+    def wait(self) -> Any: ...
+
+
+class _Done:
+    """A completed no-op collective (world size 1, or a rank with nothing to send)."""
+
+    def wait(self) -> None:
+        return None
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """The contiguous slice of ``n`` items that ``rank`` owns.
+
+    Pure function of (n, rank, world_size): every item is assigned exactly once and
+    slice sizes differ by at most one (the first ``n % world_size`` ranks get one
+    more). Contiguous slices keep the global order, so concatenating the ranks'
+    slices in rank order gives back ``range(n)``.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"invalid rank {rank} for world size {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    """``auto`` means nccl on CUDA devices and gloo everywhere else."""
+    if requested != "auto":
+        return requested
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """``auto`` uses this rank's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise GptqflowError(f"runtime.device={requested!r} but no CUDA device is available")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+@dataclass
+class DistContext:
+    """Rank, world size, execution device and the collective verbs stages may use.
+
+    At world size 1 no process group is created and every verb is a local no-op
+    that returns the same shapes and types as the distributed version.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "none"
+    _owns_group: bool = False
+    bytes_sent: int = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def from_environment(
+        cls, *, backend: str = "auto", device: str = "auto", timeout_s: float = 600.0
+    ) -> DistContext:
+        """Join the process group described by torchrun's environment, if any.
+
+        Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) this is a single-process
+        context and nothing is initialised.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = pick_device(device, local_rank)
+        if world_size == 1:
+            return cls(rank=0, world_size=1, local_rank=0, device=dev)
+        chosen = pick_backend(backend, dev)
+        owns = False
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group(
+                backend=chosen, timeout=datetime.timedelta(seconds=timeout_s)
+            )
+            owns = True
+        return cls(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=local_rank,
+            device=dev,
+            backend=chosen,
+            _owns_group=owns,
+        )
+
+    def close(self) -> None:
+        """Leave the process group if this context created it."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one rank that logs, shows progress and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous slice of ``n`` items (see :func:`shard_range`)."""
+        return shard_range(n, self.rank, self.world_size)
+
+    # ------------------------------------------------------------------ collectives
+    def _comm(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor as the backend needs it (gloo: CPU; nccl: this rank's GPU)."""
+        if self.backend == "nccl":
+            return t.to(self.device)
+        return t.cpu() if t.device.type != "cpu" else t
+
+    def all_reduce_sum(self, tensor: torch.Tensor, *, async_op: bool = True) -> tuple[torch.Tensor, Handle]:
+        """Sum ``tensor`` over ranks; returns (result tensor, handle to wait on).
+
+        The result lives on the communication device; wait on the handle before
+        reading it. At world size 1 the result is the input itself.
+        """
+        if not self.distributed:
+            return tensor, _Done()
+        buf = self._comm(tensor).contiguous()
+        self.bytes_sent += buf.numel() * buf.element_size()
+        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=async_op)
+        return buf, (work if work is not None else _Done())
+
+    def broadcast_from(
+        self, owner: int, tensors: Sequence[torch.Tensor], *, async_op: bool = True
+    ) -> tuple[list[torch.Tensor], list[Handle]]:
+        """Send ``tensors`` from ``owner`` to every rank.
+
+        Every rank passes tensors of the right shape and dtype (the owner its data,
+        the others receive buffers, e.g. from ``torch.empty``); the returned tensors
+        hold the owner's data once the handles are waited on.
+        """
+        if not self.distributed:
+            return list(tensors), [_Done()]
+        bufs = [self._comm(t).contiguous() for t in tensors]
+        handles: list[Handle] = []
+        for b in bufs:
+            if self.rank == owner:
+                self.bytes_sent += b.numel() * b.element_size()
+            work = dist.broadcast(b, src=owner, async_op=async_op)
+            handles.append(work if work is not None else _Done())
+        return bufs, handles
+
+    def barrier(self, tag: str = "") -> None:
+        """Wait for every rank (``tag`` names the point in error messages and logs)."""
+        if self.distributed:
+            dist.barrier()
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order, on every rank (small, picklable data only)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def check_same(self, what: str, text: str) -> None:
+        """Refuse to go on unless every rank holds the same ``text`` (compared by hash)."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        digests = self.gather_objects(digest)
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise GptqflowError(
+                f"{what} differs between ranks: rank(s) {bad} disagree with rank 0 "
+                f"(hashes {sorted(set(digests))}); launch every rank with the same recipe and overrides"
+            )

@@ -1,0 +1,154 @@
+"""From the command line to running ranks: Hydra in the driver, torch.distributed.run for workers.
+
+* ``gptqflow run ...`` (one process): Hydra composes the recipe (with multirun,
+  output directories, ``--cfg``), the driver validates it and runs it in-process when
+  ``runtime.nproc_per_node == 1``; otherwise it writes the resolved recipe once and
+  starts ``nproc_per_node`` workers with ``torch.distributed.run``. Workers read that
+  file: they never run Hydra, so they never race on ``.hydra/`` or create output dirs.
+* ``torchrun ... -m gptqflow run ...`` (ranks started by the user): every rank
+  composes the same recipe with Hydra's compose API (no Hydra output directories),
+  the runner compares the recipe hash across ranks, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptqflow.framework.compose import DEFAULT_RECIPE, recipes_dir, register_resolvers, to_plain
+from gptqflow.framework.errors import GptqflowError
+
+log = logging.getLogger("gptqflow")
+
+
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def _split_hydra_flags(argv: list[str]) -> tuple[str, str | None, list[str]]:
+    """--config-name/--config-dir (and their short forms) and the remaining overrides."""
+    name, cdir, rest = DEFAULT_RECIPE, None, []
+    it = iter(argv)
+    for a in it:
+        for flag, short in (("--config-name", "-cn"), ("--config-dir", "-cd")):
+            if a in (flag, short):
+                value = next(it, None)
+                if value is None:
+                    raise GptqflowError(f"{a} needs a value")
+                a = f"{flag}={value}"
+            if a.startswith(flag + "="):
+                if flag == "--config-name":
+                    name = a.split("=", 1)[1]
+                else:
+                    cdir = a.split("=", 1)[1]
+                break
+        else:
+            rest.append(a)
+    return name, cdir, rest
+
+
+def hydra_run(argv: list[str]) -> int:
+    """``gptqflow run``: compose with Hydra (single run or multirun) and execute every job."""
+    if _under_torchrun():
+        return _torchrun_rank(argv)
+    import hydra
+    from omegaconf import DictConfig
+
+    register_resolvers()
+    failures: list[str] = []
+
+    @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE)
+    def task(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            run_resolved(to_plain(cfg))
+        except GptqflowError as exc:
+            if not multirun:
+                print(f"gptqflow: error: {exc}", file=sys.stderr)
+                raise SystemExit(1) from None
+            log.error("job failed: %s", exc)
+            failures.append(str(exc))
+
+    saved = sys.argv
+    sys.argv = ["gptqflow-run", "hydra.job.name=run", *argv]
+    try:
+        task()
+    finally:
+        sys.argv = saved
+    if failures:
+        print(f"gptqflow: {len(failures)} job(s) of the sweep failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_resolved(resolved: dict[str, Any]) -> dict[str, Any] | None:
+    """Run a resolved recipe here (one rank) or on ``runtime.nproc_per_node`` workers."""
+    from gptqflow.framework.api import execute
+    from gptqflow.framework.preflight import preflight
+    from gptqflow.framework.schema import validate_recipe
+
+    recipe = validate_recipe(resolved)
+    n = recipe.runtime.nproc_per_node
+    if n == 1:
+        return execute(resolved)
+    preflight(recipe)  # fail in the driver, before starting any worker
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = out / ".launch-recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    launch_workers(recipe_file, n)
+    return None
+
+
+def launch_workers(recipe_file: Path, nproc: int) -> None:
+    """Start ``nproc`` ranks on this machine running ``gptqflow _worker RECIPE``."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    args = ["--standalone", f"--nproc-per-node={nproc}", "--local-ranks-filter=0",
+            "-m", "gptqflow", "_worker", str(recipe_file)]
+    try:
+        torchrun_main(args)
+    except ChildFailedError as exc:
+        failed = ", ".join(f"rank {r}: exit code {f.exitcode}" for r, f in sorted(exc.failures.items()))
+        raise GptqflowError(f"the distributed run failed ({failed}); see the rank's message above") from None
+
+
+def worker_main(recipe_file: str) -> int:
+    """One rank started by :func:`launch_workers`: run the recipe file; say which rank failed."""
+    from gptqflow.framework.api import execute
+
+    rank = os.environ.get("RANK", "0")
+    try:
+        resolved = yaml.safe_load(Path(recipe_file).read_text())
+        execute(resolved, source=recipe_file)
+    except GptqflowError as exc:
+        print(f"gptqflow: error on rank {rank}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _torchrun_rank(argv: list[str]) -> int:
+    """A rank started by the user's torchrun: compose (no Hydra dirs) and run."""
+    from gptqflow.framework.api import execute
+    from gptqflow.framework.compose import compose_recipe
+
+    name, cdir, overrides = _split_hydra_flags(argv)
+    if not any(o.startswith("output_dir=") for o in overrides):
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
+        overrides.append(f"output_dir=outputs/{name}/{run_id}")
+    resolved = compose_recipe(name, overrides, cdir)
+    try:
+        execute(resolved)
+    except GptqflowError as exc:
+        print(f"gptqflow: error on rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
+        return 1
+    return 0

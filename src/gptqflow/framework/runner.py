@@ -1,0 +1,250 @@
+"""The runner: executes a validated recipe's stages over one pipeline state, on one rank.
+
+Whole-model stages run once, in order. The per-layer stages (calibrate ->
+hessian-reduce -> solve -> broadcast) form one loop: calibrate drives the layers
+and, inside each layer, hands every group of modules that share an input to the
+other three in turn. The runner times every stage (wall seconds and peak RSS),
+gathers every rank's numbers into rank 0's ``report.json``, and writes
+``recipe.yaml`` before any heavy work so a failed run can still be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.errors import GptqflowError
+from gptqflow.framework.registry import Stage, build_stage
+from gptqflow.framework.schema import LAYER_LOOP, Recipe
+from gptqflow.framework.state import GroupStep, PipelineState
+
+log = logging.getLogger("gptqflow")
+
+
+# ---------------------------------------------------------------------- measuring
+def _read_hwm() -> int | None:
+    """Peak resident set size since the last reset, in bytes (Linux ``VmHWM``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> None:
+    """Reset the kernel's peak-RSS mark so the next reading covers one stage only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    hwm = _read_hwm()
+    if hwm is not None:
+        return hwm
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class StageClock:
+    """Accumulates wall seconds and peak RSS per stage id."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, float | int]] = {}
+
+    def add(self, key: str, seconds: float, rss: int) -> None:
+        s = self.stats.setdefault(key, {"seconds": 0.0, "peak_rss_bytes": 0})
+        s["seconds"] = float(s["seconds"]) + seconds
+        s["peak_rss_bytes"] = max(int(s["peak_rss_bytes"]), rss)
+
+    @contextmanager
+    def measure(self, key: str) -> Iterator[None]:
+        _reset_hwm()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(key, time.perf_counter() - start, peak_rss())
+
+
+# ---------------------------------------------------------------------- the runner
+class Runner:
+    """Runs one recipe on one rank. Build it, then call :meth:`run`."""
+
+    def __init__(self, recipe: Recipe, resolved: dict[str, Any], ctx: DistContext) -> None:
+        self.recipe = recipe
+        self.resolved = resolved
+        self.ctx = ctx
+        self.ids = recipe.stage_ids()
+        self.stages = [build_stage(c) for c in recipe.stages]
+        self.clock = StageClock()
+        self.output_dir = Path(recipe.output_dir)
+
+    # -------------------------------------------------------------- entry point
+    def run(self) -> dict[str, Any]:
+        """Execute every stage; write recipe.yaml and report.json (rank 0); return the report."""
+        ctx = self.ctx
+        ctx.check_same("the resolved recipe", json.dumps(self.resolved, sort_keys=True, default=str))
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.output_dir / "recipe.yaml", _recipe_yaml(self.resolved))
+        rt = self.recipe.runtime
+        if rt.num_threads:
+            torch.set_num_threads(rt.num_threads)
+        torch.manual_seed(self.recipe.seed)
+        state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
+        state.extra["progress"] = bool(rt.progress and ctx.is_main and sys.stderr.isatty())
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            self._run_stages(state)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            report = self._report(state, time.perf_counter() - start, error)
+            if ctx.is_main:
+                _write_atomic(self.output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        return report
+
+    def _run_stages(self, state: PipelineState) -> None:
+        i = 0
+        while i < len(self.stages):
+            if self.recipe.stages[i].stage == "calibrate":
+                n = len(LAYER_LOOP)
+                self._run_layer_loop(state, self.stages[i : i + n], self.ids[i : i + n])
+                i += n
+                continue
+            log.info("stage %s", self.ids[i])
+            with self.clock.measure(self.ids[i]):
+                self.stages[i].run(state, self.ctx)
+            i += 1
+
+    def _run_layer_loop(self, state: PipelineState, stages: list[Stage], ids: list[str]) -> None:
+        """calibrate drives the layers; every group goes through the other loop stages."""
+        calibrate, rest = stages[0], list(zip(ids[1:], stages[1:]))
+        with self.clock.measure(ids[0]):
+            calibrate.run(state, self.ctx)  # captures the first layer's inputs
+        n_layers = calibrate.layer_count(state)  # type: ignore[attr-defined]
+        in_groups = 0.0
+        _reset_hwm()
+
+        def on_group(step: GroupStep) -> None:
+            nonlocal in_groups
+            t0 = time.perf_counter()
+            for sid, stage in rest:
+                t = time.perf_counter()
+                stage.run_step(state, step, self.ctx)
+                self.clock.add(sid, time.perf_counter() - t, 0)
+            in_groups += time.perf_counter() - t0
+            self._layer_solve[step.layer_index] = (
+                self._layer_solve.get(step.layer_index, 0.0) + step.solve_seconds.get(self.ctx.rank, 0.0)
+            )
+            self._layer_loss[step.layer_index] = self._layer_loss.get(step.layer_index, 0.0) + sum(
+                state.quantized[n].loss for n in step.names
+            )
+
+        self._layer_solve: dict[int, float] = {}
+        self._layer_loss: dict[int, float] = {}
+        for index in _progress(range(n_layers), state.extra["progress"], "layers"):
+            in_groups = 0.0
+            t = time.perf_counter()
+            calibrate.run_layer(state, self.ctx, index, on_group)  # type: ignore[attr-defined]
+            layer_s = time.perf_counter() - t
+            self.clock.add(ids[0], layer_s - in_groups, 0)
+            self._finish_layer(state, index, layer_s)
+        rss = peak_rss()
+        for sid in ids:
+            self.clock.add(sid, 0.0, rss)
+
+    def _finish_layer(self, state: PipelineState, index: int, seconds: float) -> None:
+        """Gather every rank's solve time for the layer: the load imbalance goes in the report."""
+        solve = self.ctx.gather_objects(self._layer_solve.get(index, 0.0))
+        mean = sum(solve) / len(solve)
+        entry = {
+            "index": index,
+            "seconds": seconds,
+            "solve_seconds": solve,
+            "imbalance": (max(solve) / mean) if mean > 0 else 1.0,
+            "loss": self._layer_loss.get(index, 0.0),
+        }
+        state.layer_reports.append(entry)
+        log.info("layer %d done in %.2fs (imbalance %.3f)", index, seconds, entry["imbalance"])
+
+    # -------------------------------------------------------------- report
+    def _report(self, state: PipelineState, seconds: float, error: BaseException | None) -> dict[str, Any]:
+        mine = {"rank": self.ctx.rank, "stages": self.clock.stats, "peak_rss_bytes": peak_rss()}
+        try:
+            ranks = self.ctx.gather_objects(mine) if error is None else [mine]
+        except Exception:  # a peer is gone: report what this rank knows
+            ranks = [mine]
+        r = self.recipe
+        report: dict[str, Any] = {
+            "status": "ok" if error is None else "failed",
+            "error": None if error is None else _error_text(error),
+            "world_size": self.ctx.world_size,
+            "scheme": r.scheme.name,
+            "bits": r.scheme.bits,
+            "group_size": r.scheme.group_size,
+            "symmetric": r.scheme.symmetric,
+            "actorder": r.scheme.actorder,
+            "num_samples": r.dataset.num_samples,
+            "seq_len": r.dataset.seq_len,
+            "model": r.model.path,
+            "seconds": seconds,
+            "stages": self.clock.stats,
+            "perplexity": dict(state.perplexity),
+            "checkpoint": None if state.checkpoint_dir is None else str(state.checkpoint_dir),
+            "layers": state.layer_reports,
+            "ranks": ranks,
+            "bytes_communicated": self.ctx.bytes_sent,
+            "torch_threads": torch.get_num_threads(),
+        }
+        return report
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, GptqflowError):
+        return str(error)
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
+def _progress(it: range, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="layer")
+
+
+def _recipe_yaml(resolved: dict[str, Any]) -> str:
+    header = "# The fully resolved recipe of this run. Reproduce with:\n#   gptqflow run --config-dir <this dir> --config-name recipe\n"
+    return header + yaml.safe_dump(resolved, sort_keys=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+Callback = Callable[[GroupStep], None]

@@ -1,0 +1,228 @@
+"""The recipe schema: config groups, the stage list as one discriminated union, order rules.
+
+This is the one validation boundary. Hydra composes and resolves a recipe; then
+:func:`validate_recipe` turns the plain dict into a frozen :class:`Recipe` or raises
+:class:`RecipeError` listing every problem with its key path, the bad value and what
+is allowed. After that only typed, frozen objects flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from gptqflow.framework.errors import GptqflowError
+from gptqflow.framework.registry import StageConfig, registered
+
+Bits = Literal[2, 3, 4, 8]
+GroupSize = Literal[-1, 32, 64, 128, 256]
+ActOrderName = Literal["none", "static", "group"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelGroup(_Group):
+    """``model.*``: which local transformers model to quantize."""
+
+    path: str = Field(description="Local transformers model directory (never a hub id).")
+    dtype: DType = Field("float32", description="Weights dtype while quantizing.")
+    trust_remote_code: bool = Field(False, description="Allow the model dir's own Python code.")
+
+
+class DatasetGroup(_Group):
+    """``dataset.*``: calibration and evaluation text and sizes."""
+
+    calibration_file: str = Field(description="Plain-text calibration file.")
+    eval_file: str = Field(description="Plain-text evaluation file (perplexity).")
+    num_samples: int = Field(128, ge=1, description="Calibration sequences.")
+    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence / eval window.")
+    eval_tokens: int = Field(40960, ge=0, description="Eval tokens (first T of the file); 0 skips evaluation.")
+    seed: int = Field(0, description="Seed of the calibration window selection.")
+
+
+class SchemeGroup(_Group):
+    """``scheme.*``: the weight quantization scheme."""
+
+    name: str = Field(description="Scheme name written to the report (e.g. w4a16).")
+    bits: Bits = Field(4, description="Bits per weight.")
+    group_size: GroupSize = Field(128, description="Input columns per scale; -1 = one per output channel.")
+    symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
+    actorder: ActOrderName = Field("none", description="Activation order: none | static | group (g_idx).")
+
+
+class RuntimeGroup(_Group):
+    """``runtime.*``: how and where the pipeline runs."""
+
+    nproc_per_node: int = Field(1, ge=1, description="Ranks on this machine (1 = one process).")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Execution device for each layer.")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per rank (None: torch default).")
+    progress: bool = Field(True, description="Progress bars on rank 0 when stdout is a terminal.")
+    timeout_s: float = Field(600.0, gt=0, description="Collective timeout, seconds.")
+
+
+class Recipe(_Group):
+    """A fully composed recipe: config groups, run settings and the stage list."""
+
+    output_dir: str = Field(description="Run directory: checkpoint, recipe.yaml, report.json.")
+    overwrite: bool = Field(False, description="Replace an existing checkpoint in output_dir.")
+    seed: int = Field(0, description="Global seed.")
+    model: ModelGroup
+    dataset: DatasetGroup
+    scheme: SchemeGroup
+    runtime: RuntimeGroup = RuntimeGroup()
+    stages: list[Any] = Field(description="The pipeline, in order.")
+
+    def stage_ids(self) -> list[str]:
+        """Report keys: the stage's ``id`` or its name (``name#2``, ``name#3`` when repeated)."""
+        seen: dict[str, int] = {}
+        out = []
+        for s in self.stages:
+            base = s.id or s.stage
+            seen[base] = seen.get(base, 0) + 1
+            out.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+        return out
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One recipe problem: where (key path), what was found, what is allowed."""
+
+    path: str
+    message: str
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.path}: {self.message}"
+
+
+class RecipeError(GptqflowError):
+    """A recipe failed validation; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid recipe ({len(problems)} problem(s)):\n{lines}")
+
+
+def stage_union() -> Any:
+    """The discriminated union of every registered stage config (discriminator: ``stage``)."""
+    configs = tuple(spec.config_cls for spec in registered().values())
+    return Annotated[Union[configs], Field(discriminator="stage")]  # noqa: UP007
+
+
+def _loc_to_path(loc: Iterable[Any]) -> str:
+    """('model', 'path') -> 'model.path'; (3, 'bits') -> '[3].bits'."""
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+    return out
+
+
+def _describe_error(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    given = err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"unknown key (value {given!r}); remove it or fix its spelling"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        allowed = ", ".join(sorted(registered()))
+        return f"unknown stage {ctx.get('tag')!r}; registered stages: {allowed}"
+    if kind == "union_tag_not_found":
+        return "stage entry has no 'stage:' key naming its stage"
+    if kind in ("literal_error", "enum"):
+        return f"value {given!r} is not allowed; allowed: {ctx.get('expected')}"
+    return f"value {given!r}: {err.get('msg')}"
+
+
+def problems_from_validation(exc: ValidationError, prefix: str = "") -> list[Problem]:
+    """Pydantic errors as Problems; a stage entry's tag is folded into its path."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        pre = prefix
+        if pre.startswith("stages[") and loc and isinstance(loc[0], str) and loc[0] in registered():
+            pre, loc = f"{pre}({loc[0]})", loc[1:]
+        path = _loc_to_path(loc)
+        full = f"{pre}.{path}" if pre and path else (pre or path or "<root>")
+        out.append(Problem(full, _describe_error(err)))
+    return out
+
+
+_ORDER_NEEDS = {
+    # stage: stages that must appear before it
+    "partition": ("load",),
+    "calibrate": ("load", "partition"),
+    "hessian-reduce": ("calibrate",),
+    "solve": ("calibrate", "hessian-reduce"),
+    "broadcast": ("solve",),
+    "save": ("solve", "broadcast"),
+    "evaluate": ("load",),
+}
+LAYER_LOOP = ("calibrate", "hessian-reduce", "solve", "broadcast")
+
+
+def order_problems(names: list[str]) -> list[Problem]:
+    """Pipelines that cannot run: missing prerequisites, duplicates, a broken layer loop."""
+    probs: list[Problem] = []
+    for i, name in enumerate(names):
+        for need in _ORDER_NEEDS.get(name, ()):
+            if need not in names[:i]:
+                where = "after" if need in names[i:] else "without"
+                probs.append(Problem(f"stages[{i}]({name})",
+                                     f"'{name}' cannot run {where} '{need}': '{need}' must come before it"))
+    for unique in ("load", "partition", "save", *LAYER_LOOP):
+        idx = [i for i, n in enumerate(names) if n == unique]
+        if len(idx) > 1:
+            probs.append(Problem(f"stages[{idx[1]}]({unique})",
+                                 f"'{unique}' appears {len(idx)} times (at {idx}); it may appear once"))
+    if names and names[0] != "load":
+        probs.append(Problem("stages[0]", f"the pipeline must start with 'load', not {names[0]!r}"))
+    loop = [i for i, n in enumerate(names) if n in LAYER_LOOP]
+    if loop and not probs:
+        got = [names[i] for i in loop]
+        if got != list(LAYER_LOOP[: len(got)]) or loop != list(range(loop[0], loop[0] + len(loop))):
+            probs.append(Problem(f"stages[{loop[0]}]",
+                                 f"the per-layer stages must appear together in the order {list(LAYER_LOOP)}; got {got}"))
+        elif got != list(LAYER_LOOP):
+            missing = [n for n in LAYER_LOOP if n not in got]
+            probs.append(Problem(f"stages[{loop[-1]}]({got[-1]})",
+                                 f"the per-layer loop is incomplete: missing {missing}"))
+    return probs
+
+
+def validate_recipe(raw: Mapping[str, Any], *, file: str | None = None) -> Recipe:
+    """Validate a composed, resolved recipe dict; raise RecipeError listing every problem."""
+    raw = dict(raw)
+    problems: list[Problem] = []
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [p for p in problems_from_validation(exc) if not p.path.startswith("stages[")]
+        recipe = None
+    stages_raw = raw.get("stages")
+    parsed: list[StageConfig] = []
+    if isinstance(stages_raw, list):
+        adapter: TypeAdapter[Any] = TypeAdapter(stage_union())
+        for i, entry in enumerate(stages_raw):
+            try:
+                parsed.append(adapter.validate_python(entry))
+            except ValidationError as exc:
+                problems += problems_from_validation(exc, prefix=f"stages[{i}]")
+        names = [e.get("stage") if isinstance(e, dict) else None for e in stages_raw]
+        if all(isinstance(n, str) and n in registered() for n in names):
+            problems += order_problems([str(n) for n in names])
+    elif stages_raw is not None:
+        problems.append(Problem("stages", f"must be a list of stage entries, got {type(stages_raw).__name__}"))
+    if problems or recipe is None:
+        raise RecipeError([Problem(p.path, p.message, file) for p in problems])
+    return recipe.model_copy(update={"stages": parsed})

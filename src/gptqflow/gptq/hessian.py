@@ -1,0 +1,84 @@
+"""The GPTQ Hessian ``H = 2/n · Σ xᵀx`` over calibration tokens, accumulated exactly.
+
+Each chunk of inputs contributes ``2·xᵀx``, computed as one float32 matmul.
+Contributions are summed in float64 and divided by the token count only in
+:meth:`HessianSum.finalize`.
+
+Why float64: a float32 product has a 24-bit mantissa and float64 has 53, so
+adding float32 values in float64 is exact as long as the partial sums span
+fewer than ~29 binary orders of magnitude, which holds for any realistic
+calibration set.  Exact addition is associative, so the sum does not depend on
+the order chunks arrive in or on how they were split between ranks: one rank
+and N ranks (summing their partial ``HessianSum`` s in any order) produce the
+same Hessian, bit for bit, and the solve downstream sees the same input.
+Dividing once at the end keeps that property; a running mean rounds at every
+step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["HessianSum", "hessian_update"]
+
+
+def hessian_update(x: torch.Tensor) -> torch.Tensor:
+    """Contribution ``2·xᵀx`` (float32, ``[cols, cols]``) of one chunk ``x[..., cols]``.
+
+    All leading dimensions are flattened into tokens.  The matmul runs in
+    float32 even for bf16/fp16 inputs: half-precision accumulation would lose
+    most of the small entries.  Scaling by 2 is exact.
+    """
+    tokens = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+    return (tokens.T @ tokens).mul_(2.0)
+
+
+@dataclass
+class HessianSum:
+    """Running float64 sum of :func:`hessian_update` contributions and their token count.
+
+    ``sum`` is ``Σ 2·xᵀx`` (float64, ``[cols, cols]``); ``count`` the number of
+    tokens that went into it.  Partial sums from different ranks or shards are
+    combined with :meth:`merge` (or by summing ``sum``/``count`` elsewhere)
+    before one :meth:`finalize`.
+    """
+
+    sum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, cols: int, device: torch.device | str | None = None) -> HessianSum:
+        """An empty accumulator for a layer with ``cols`` input features."""
+        return cls(sum=torch.zeros(cols, cols, dtype=torch.float64, device=device), count=0)
+
+    @property
+    def cols(self) -> int:
+        return int(self.sum.shape[0])
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one chunk of inputs ``x[..., cols]``."""
+        if x.shape[-1] != self.cols:
+            raise ValueError(
+                f"input has {x.shape[-1]} features but the Hessian is {self.cols}x{self.cols}"
+            )
+        update = hessian_update(x.to(self.sum.device))
+        self.sum += update.to(torch.float64)
+        self.count += x.numel() // self.cols if self.cols else 0
+
+    def merge(self, other: HessianSum) -> None:
+        """Add another partial sum (e.g. from another rank) into this one."""
+        if other.sum.shape != self.sum.shape:
+            raise ValueError(
+                f"cannot merge Hessian sums of shapes {tuple(other.sum.shape)} "
+                f"and {tuple(self.sum.shape)}"
+            )
+        self.sum += other.sum.to(device=self.sum.device, dtype=torch.float64)
+        self.count += other.count
+
+    def finalize(self) -> torch.Tensor:
+        """The mean Hessian ``sum / count`` as float32 (the only division)."""
+        if self.count <= 0:
+            raise ValueError("no tokens were accumulated into this Hessian (count == 0)")
+        return (self.sum / self.count).to(torch.float32)

@@ -1,0 +1,205 @@
+"""Integer quantization grids (min-max, per row) and the round-to-nearest baseline.
+
+The grid follows the compressed-tensors convention so that what the solver
+computes is exactly what a compressed-tensors checkpoint reproduces: signed
+codes ``q`` in ``[qmin, qmax] = [-2**(b-1), 2**(b-1) - 1]`` and
+``w ≈ (q - zero_point) * scale``.  The arithmetic (divide, add the zero point,
+round half to even, clamp) mirrors ``compressed_tensors``' ``quantize`` so the
+codes we pick are the codes it would pick for the same scale.
+
+Scales are rounded to the dtype they will be stored in *before* any code is
+chosen: the codes are then optimal for the scale the checkpoint actually holds,
+and ``dequant == (q - zp) * scale`` holds exactly for the stored tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptqflow.gptq.types import QuantArgs, QuantResult
+
+__all__ = [
+    "column_groups",
+    "compute_qparams",
+    "dequantize",
+    "effective_group_size",
+    "quantization_loss",
+    "quantize",
+    "round_to_grid",
+    "rtn_quantize",
+    "work_dtype",
+]
+
+_MIN_BITS = 2
+_MAX_BITS = 8  # codes and zero points are stored as int8
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype grid arithmetic runs in: float64 stays float64, all else float32.
+
+    Half-precision arithmetic would round ``w / scale`` before it is rounded to a
+    code, so low-precision weights are promoted.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def effective_group_size(cols: int, args: QuantArgs) -> int:
+    """Columns per quantization group (``cols`` when per channel), validating ``args``.
+
+    Raises ``ValueError`` for settings the grids cannot represent, so a bad
+    scheme fails before any work is done rather than deep inside a sweep.
+    """
+    if not _MIN_BITS <= args.bits <= _MAX_BITS:
+        raise ValueError(
+            f"bits={args.bits} is not supported: codes are stored as int8, "
+            f"so bits must be in [{_MIN_BITS}, {_MAX_BITS}]"
+        )
+    if args.group_size == -1:
+        return cols
+    if args.group_size <= 0:
+        raise ValueError(f"group_size must be -1 (per channel) or positive, got {args.group_size}")
+    if cols % args.group_size != 0:
+        raise ValueError(
+            f"group_size={args.group_size} does not divide the number of input columns "
+            f"({cols}); use a group size that divides {cols}, or -1 for per channel"
+        )
+    return args.group_size
+
+
+def column_groups(
+    cols: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Group index (int64, shape ``[cols]``) of each input column.
+
+    ``g_idx`` wins when given (activation-ordered groups); otherwise groups are
+    consecutive runs of ``group_size`` columns (``-1`` = one group).
+    """
+    if g_idx is not None:
+        return g_idx.to(dtype=torch.long, device=device)
+    size = cols if group_size == -1 else group_size
+    return torch.arange(cols, device=device) // size
+
+
+def _storage_round(scale: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """Round ``scale`` to ``storage_dtype`` (keeping its dtype) and replace zeros.
+
+    A zero scale (all-zero row, or an underflow in half precision) would divide
+    by zero; any positive value quantizes such a row to exactly zero, and
+    compressed-tensors uses the dtype's eps, so we do too.
+    """
+    if storage_dtype != scale.dtype:
+        scale = scale.to(storage_dtype).to(scale.dtype)
+    eps = torch.finfo(storage_dtype).eps
+    return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def compute_qparams(
+    w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point for each row of ``w`` (shape ``[rows, k]``).
+
+    Returns ``scale`` (``[rows, 1]``, in the grid's work dtype, with values
+    representable in ``scale_dtype``, default ``w.dtype``) and ``zero_point``
+    (``[rows, 1]`` int8).  Zero is always inside the range, so zero weights (and
+    dead columns) dequantize to exactly zero.
+
+    Symmetric: ``zp = 0``, ``scale = max|w| / ((qmax - qmin) / 2)`` (as
+    compressed-tensors computes it).  Asymmetric: ``scale = (max - min) /
+    (qmax - qmin)``, ``zp = round(qmin - min / scale)`` clamped to the code range.
+    """
+    storage = scale_dtype if scale_dtype is not None else w.dtype
+    wf = w.to(work_dtype(w.dtype))
+    lo = wf.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = wf.amax(dim=1, keepdim=True).clamp(min=0)
+    span = float(args.qmax - args.qmin)
+    if args.symmetric:
+        scale = _storage_round(torch.maximum(-lo, hi) / (span / 2), storage)
+        return scale, torch.zeros(scale.shape, dtype=torch.int8, device=w.device)
+    scale = _storage_round((hi - lo) / span, storage)
+    zp = torch.round(args.qmin - lo / scale).clamp_(args.qmin, args.qmax)
+    return scale, zp.to(torch.int8)
+
+
+def round_to_grid(
+    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """Float codes ``clamp(round(w / scale + zp))``: the one place codes are chosen.
+
+    Shared by :func:`quantize` and the GPTQ sweep so both pick identical codes.
+    """
+    return torch.round(w / scale + zp).clamp_(qmin, qmax)
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, args: QuantArgs
+) -> torch.Tensor:
+    """int8 codes of ``w`` on the grid (``scale``/``zp`` broadcast against ``w``).
+
+    Rounds half to even (``torch.round``) and clamps to ``[qmin, qmax]``.
+    """
+    dt = work_dtype(w.dtype)
+    codes = round_to_grid(w.to(dt), scale.to(dt), zp.to(dt), args.qmin, args.qmax)
+    return codes.to(torch.int8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """``(codes - zp) * scale`` in ``scale``'s dtype (``scale``/``zp`` broadcast).
+
+    Computed in float32 (float64 for float64 scales) and cast once: for codes of
+    at most 8 bits the float32 product of a half-precision scale is exact, so
+    this equals compressed-tensors' computation in the scale's own dtype.
+    """
+    dt = work_dtype(scale.dtype)
+    return ((codes.to(dt) - zp.to(dt)) * scale.to(dt)).to(scale.dtype)
+
+
+def quantization_loss(
+    weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Tensor | None
+) -> float:
+    """GPTQ objective ``tr((W - Q) H (W - Q)^T)``, or NaN without a Hessian.
+
+    Used only for reporting and comparisons, so a float32 matmul with a float64
+    final sum is accurate enough (float64 throughout for float64 inputs).
+    """
+    if hessian is None:
+        return math.nan
+    dt = work_dtype(weight.dtype) if hessian.dtype != torch.float64 else torch.float64
+    diff = weight.to(dt) - dequant.to(dt)
+    return float(((diff @ hessian.to(dt)) * diff).sum(dtype=torch.float64))
+
+
+def rtn_quantize(
+    weight: torch.Tensor, args: QuantArgs, hessian: torch.Tensor | None = None
+) -> QuantResult:
+    """Round-to-nearest baseline with the same grids and grouping as GPTQ.
+
+    Groups are consecutive runs of ``group_size`` input columns (``-1`` = per
+    channel); ``actorder`` is irrelevant without error feedback, so ``g_idx`` is
+    always ``None``.  ``loss`` is reported only when a Hessian is given.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    group = effective_group_size(cols, args)
+    n_groups = cols // group
+    grouped = weight.detach().to(work_dtype(weight.dtype)).reshape(rows * n_groups, group)
+    scale, zp = compute_qparams(grouped, args, scale_dtype=weight.dtype)
+    codes = quantize(grouped, scale, zp, args).reshape(rows, cols)
+    scale = scale.reshape(rows, n_groups).to(weight.dtype)
+    zp = zp.reshape(rows, n_groups)
+    groups = column_groups(cols, group, device=weight.device)
+    dequant = dequantize(codes, scale[:, groups], zp[:, groups])
+    return QuantResult(
+        qweight=codes,
+        scale=scale,
+        zero_point=zp,
+        g_idx=None,
+        dequant=dequant,
+        loss=quantization_loss(weight, dequant, hessian),
+        damp=0.0,
+    )

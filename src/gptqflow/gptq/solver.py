@@ -1,0 +1,297 @@
+"""GPTQ with lazy block updates (Frantar et al. 2022, arXiv:2210.17323).
+
+The solve is split in two so that rows of one large module can be spread over
+ranks: :func:`prepare_factor` turns the Hessian into the inverse-Hessian
+Cholesky factor once, and :func:`solve_rows` runs the column sweep for any set
+of rows.  Rows are independent given the factor, so solving a slice of rows
+gives exactly the same rows as solving the whole matrix.
+
+Notation: the sweep visits columns in *sweep order* (activation order when
+``actorder != "none"``); everything returned is in the original column order.
+The sweep works on the transposed weight (``[cols, rows]``) so that the column
+being quantized is one contiguous vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptqflow.gptq.quantizer import (
+    column_groups,
+    compute_qparams,
+    dequantize,
+    effective_group_size,
+    quantization_loss,
+    round_to_grid,
+)
+from gptqflow.gptq.types import QuantArgs, QuantResult
+
+__all__ = ["CholeskyError", "HessianFactor", "gptq_solve", "prepare_factor", "solve_rows"]
+
+# BLAS picks different kernels (with different rounding) for very small matrices,
+# e.g. a single row turns a GEMM into a GEMV.  Padding a row slice with zero rows
+# up to this size keeps every matmul on the same kernels as the full solve, which
+# is what makes slices bit-identical to the rows of the full solve.
+_MIN_SWEEP_ROWS = 16
+
+
+class CholeskyError(ValueError):
+    """The dampened Hessian stayed non positive-definite for every dampening tried."""
+
+    def __init__(self, message: str, dampening_tried: tuple[float, ...]) -> None:
+        super().__init__(message)
+        self.dampening_tried = dampening_tried
+
+
+@dataclass
+class HessianFactor:
+    """What the column sweep needs from the Hessian; shared by every row slice.
+
+    ``hinv``: upper Cholesky factor of the inverse of the dampened Hessian, in
+    sweep order (float32 unless prepared in float64 for references).
+    ``perm``: sweep order of the original columns (``None`` when actorder is none).
+    ``dead``: original columns whose Hessian diagonal is 0 (never activated);
+    their weights are zeroed.  ``damp``: the dampening fraction actually used.
+    """
+
+    hinv: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damp: float
+
+
+def prepare_factor(
+    hessian: torch.Tensor, args: QuantArgs, *, dtype: torch.dtype = torch.float32
+) -> HessianFactor:
+    """Dampen, (optionally) permute and factor the Hessian. Never mutates ``hessian``.
+
+    Dead columns (diagonal 0) are decoupled (row and column zeroed, diagonal set
+    to 1) so that no error is ever propagated into or out of them.  Dampening
+    ``damp * mean(diag)`` is added to the diagonal; if the Cholesky
+    factorisation fails (the Hessian is only semi-definite, e.g. fewer tokens
+    than features), it is retried with ten times the dampening, up to
+    ``args.max_damp_retries`` times.
+    """
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be square [cols, cols], got shape {tuple(hessian.shape)}")
+    h = hessian.detach().to(dtype=dtype, copy=True)
+    dead = h.diagonal() == 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h.diagonal()[dead] = 1
+    perm = None
+    if args.actorder != "none":
+        # Stable sort: ties (e.g. dead columns, all with diagonal 1) keep their
+        # original order, so the permutation is deterministic.
+        perm = torch.sort(h.diagonal(), descending=True, stable=True).indices
+        h = h[perm][:, perm]
+    mean_diag = h.diagonal().mean()
+    tried: list[float] = []
+    for attempt in range(args.max_damp_retries + 1):
+        fraction = args.dampening * 10.0**attempt
+        tried.append(fraction)
+        hinv = _inverse_cholesky(h, fraction * mean_diag)
+        if hinv is not None:
+            return HessianFactor(hinv=hinv, perm=perm, dead=dead, damp=fraction)
+    hint = "" if bool(torch.isfinite(hessian).all()) else " (the Hessian has NaN/inf entries)"
+    raise CholeskyError(
+        f"Cholesky of the dampened Hessian failed for every dampening fraction tried "
+        f"{tried} (times the mean diagonal {float(mean_diag):.4g}){hint}",
+        tuple(tried),
+    )
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``(h + damp·I)⁻¹``, or ``None`` if any step fails.
+
+    ``cholesky_ex`` reports failure through ``info`` instead of raising, and a
+    non-finite factor (NaN inputs) counts as a failure too.
+    """
+    damped = h.clone()
+    damped.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0 or not bool(torch.isfinite(lower).all()):
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
+        return None
+    return upper
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """How quantization groups map onto the sweep.
+
+    ``sweep_groups[j]``: group of the j-th swept column.  Either the qparams are
+    ``fixed`` up front (per channel, static actorder), or ``dynamic_size`` > 0 and
+    group ``j // dynamic_size`` gets its qparams when the sweep reaches column j.
+    """
+
+    sweep_groups: list[int]
+    n_groups: int
+    fixed: tuple[torch.Tensor, torch.Tensor] | None  # scale, zp: [rows, n_groups]
+    dynamic_size: int
+    g_idx: torch.Tensor | None
+
+
+def _plan_grid(
+    work: torch.Tensor, factor: HessianFactor, args: QuantArgs, group: int, storage: torch.dtype
+) -> _Grid:
+    """Decide, from ``args``, which groups exist and when their qparams are computed."""
+    rows, cols = work.shape
+    n_groups = cols // group
+    original = column_groups(cols, group, device=work.device)
+    perm = factor.perm
+    if n_groups == 1 or args.actorder == "static":
+        # Per channel, or static groups: qparams from the original weights, up front.
+        grouped = work.reshape(rows * n_groups, group)
+        scale, zp = compute_qparams(grouped, args, scale_dtype=storage)
+        fixed = (scale.reshape(rows, n_groups), zp.reshape(rows, n_groups))
+        sweep = original if perm is None else original[perm]
+        return _Grid(sweep.tolist(), n_groups, fixed, 0, None)
+    g_idx = None
+    if perm is not None:  # actorder "group": groups are runs of the permuted order
+        g_idx = torch.empty(cols, dtype=torch.int32, device=work.device)
+        g_idx[perm] = original.to(torch.int32)
+    return _Grid(original.tolist(), n_groups, None, group, g_idx)
+
+
+def solve_rows(
+    weight: torch.Tensor,
+    factor: HessianFactor,
+    args: QuantArgs,
+    hessian: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> QuantResult:
+    """GPTQ column sweep for the rows of ``weight`` (``[rows, cols]``) with a prepared factor.
+
+    A deterministic pure function: inputs are not mutated and equal inputs give
+    bit-identical outputs; a slice of rows gives exactly those rows of the full
+    solve.  The sweep runs in ``dtype`` (float32; float64 for references).
+    ``loss`` uses the undamped ``hessian`` if given, else it is NaN.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    group = effective_group_size(cols, args)
+    _check_factor(factor, cols, args)
+    if args.block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {args.block_size}")
+
+    work = weight.detach().to(dtype=dtype, copy=True)
+    work[:, factor.dead.to(work.device)] = 0
+    grid = _plan_grid(work, factor, args, group, weight.dtype)
+
+    padded = max(rows, _MIN_SWEEP_ROWS)
+    swept = work.T if factor.perm is None else work.T[factor.perm]
+    sweep_t = torch.zeros(cols, padded, dtype=dtype, device=work.device)
+    sweep_t[:, :rows] = swept
+    codes_t, scale_t, zp_t = _sweep(sweep_t, factor.hinv.to(dtype), grid, args, weight.dtype)
+
+    if factor.perm is not None:
+        codes_t = codes_t[torch.argsort(factor.perm)]
+    codes = codes_t[:, :rows].T.to(torch.int8).contiguous()
+    scale = scale_t[:, :rows].T.to(weight.dtype).contiguous()
+    zp = zp_t[:, :rows].T.to(torch.int8).contiguous()
+    groups = column_groups(cols, group, grid.g_idx, device=work.device)
+    dequant = dequantize(codes, scale[:, groups], zp[:, groups])
+    return QuantResult(
+        qweight=codes,
+        scale=scale,
+        zero_point=zp,
+        g_idx=grid.g_idx,
+        dequant=dequant,
+        loss=quantization_loss(weight, dequant, hessian),
+        damp=factor.damp,
+    )
+
+
+def _check_factor(factor: HessianFactor, cols: int, args: QuantArgs) -> None:
+    """Reject a factor prepared for another matrix or another actorder."""
+    if tuple(factor.hinv.shape) != (cols, cols):
+        raise ValueError(f"factor is for {factor.hinv.shape[0]} columns but the weight has {cols}")
+    if (factor.perm is None) != (args.actorder == "none"):
+        raise ValueError(
+            f"factor was prepared for a different actorder than {args.actorder!r}; "
+            "call prepare_factor with the same QuantArgs"
+        )
+
+
+def _sweep(
+    w_t: torch.Tensor, hinv: torch.Tensor, grid: _Grid, args: QuantArgs, storage: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the columns of ``w_t`` (``[cols, rows]``, sweep order, updated in place).
+
+    Lazy batches (section 3.4 of the paper): within a block of ``block_size``
+    columns, each quantization error is propagated to the rest of the block
+    immediately (rank-1 update); the columns after the block receive all of
+    the block's errors at once as one matmul.  Returns float codes
+    ``[cols, rows]`` in sweep order, and scale / zero point ``[n_groups, rows]``.
+    """
+    cols, rows = w_t.shape
+    codes = torch.empty_like(w_t)
+    if grid.fixed is not None:
+        scale_t = grid.fixed[0].T.contiguous().to(w_t.dtype)
+        zp_t = grid.fixed[1].T.contiguous().to(w_t.dtype)
+    else:
+        scale_t = torch.empty(grid.n_groups, rows, dtype=w_t.dtype, device=w_t.device)
+        zp_t = torch.empty_like(scale_t)
+    diag = hinv.diagonal()
+    size = grid.dynamic_size
+    for i1 in range(0, cols, args.block_size):
+        i2 = min(i1 + args.block_size, cols)
+        err = torch.empty(i2 - i1, rows, dtype=w_t.dtype, device=w_t.device)
+        for j in range(i1, i2):
+            if size and j % size == 0:
+                current = _current_columns(w_t, err, hinv, i1, j, min(j + size, cols))
+                scale, zp = compute_qparams(current.T, args, scale_dtype=storage)
+                scale_t[j // size] = scale[:, 0]
+                zp_t[j // size] = zp[:, 0]
+            g = grid.sweep_groups[j]
+            w, scale_g, zp_g = w_t[j], scale_t[g], zp_t[g]
+            q = round_to_grid(w, scale_g, zp_g, args.qmin, args.qmax)
+            codes[j] = q
+            e = (w - (q - zp_g) * scale_g) / diag[j]
+            err[j - i1] = e
+            if j + 1 < i2:
+                # Explicit multiply then subtract (no fused kernel): each element is
+                # rounded the same way whatever the number of rows.
+                w_t[j + 1 : i2] -= hinv[j, j + 1 : i2, None] * e
+        if i2 < cols:
+            w_t[i2:] -= hinv[i1:i2, i2:].T @ err
+    return codes, scale_t, zp_t
+
+
+def _current_columns(
+    w_t: torch.Tensor, err: torch.Tensor, hinv: torch.Tensor, i1: int, j: int, end: int
+) -> torch.Tensor:
+    """Error-updated values of swept columns ``j:end`` as they stand at column ``j``.
+
+    Columns inside the current block are up to date; columns past the block's
+    end still lack the lazy update of this block's errors so far,
+    which is applied here to a copy.  This makes a group's qparams independent
+    of ``block_size`` (up to rounding), unlike the reference implementation,
+    which reads stale values when a group crosses a block boundary.
+    """
+    block_end = i1 + err.shape[0]
+    if end <= block_end:
+        return w_t[j:end]
+    pending = w_t[block_end:end]
+    if j > i1:
+        pending = pending - hinv[i1:j, block_end:end].T @ err[: j - i1]
+    return torch.cat([w_t[j:block_end], pending])
+
+
+def gptq_solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantArgs,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> QuantResult:
+    """Quantize ``weight`` with GPTQ: :func:`prepare_factor` then :func:`solve_rows`."""
+    factor = prepare_factor(hessian, args, dtype=dtype)
+    return solve_rows(weight, factor, args, hessian, dtype=dtype)

@@ -1,0 +1,70 @@
+"""``load``: a transformers causal LM from a local directory, kept on the CPU.
+
+Consumes: nothing. Produces: ``state.model``, ``state.tokenizer``, ``state.layers``.
+Collectives: none (every rank loads its own copy).
+Each decoder layer is moved to the execution device only while it is processed,
+so a model larger than device memory can be quantized.
+
+```yaml
+- stage: load
+  path: ${model.path}
+  dtype: ${model.dtype}
+```
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.errors import GptqflowError
+from gptqflow.framework.registry import Stage, StageConfig, register_stage
+from gptqflow.framework.state import PipelineState
+from gptqflow.modeling.structure import decoder_layers, read_model_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LoadStage(Stage):
+    config: LoadConfig
+
+    def run(self, state: PipelineState, ctx: DistContext) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from gptqflow.modeling.text import load_tokenizer
+
+        path = Path(self.config.path)
+        read_model_config(path)  # clear errors for a missing dir / config.json
+        dtype = "auto" if self.config.dtype == "auto" else DTYPES[self.config.dtype]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype,
+                local_files_only=True,
+                trust_remote_code=self.config.trust_remote_code,
+                low_cpu_mem_usage=True,
+            )
+        except (OSError, ValueError) as exc:
+            raise GptqflowError(f"model.path={str(path)!r}: cannot load the model: {exc}") from exc
+        model.eval()
+        model.requires_grad_(False)
+        state.model = model
+        state.model_dir = path
+        state.tokenizer = load_tokenizer(path)
+        _, state.layers = decoder_layers(model)
+
+
+@register_stage("load", LoadStage)
+class LoadConfig(StageConfig):
+    """Load a local transformers causal LM (never from a hub)."""
+
+    stage: Literal["load"] = "load"
+    path: str = Field(description="Local model directory (config.json + safetensors + tokenizer).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype while quantizing; auto = the checkpoint's."
+    )
+    trust_remote_code: bool = Field(False, description="Run Python code shipped in the model dir.")

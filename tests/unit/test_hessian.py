@@ -1,0 +1,73 @@
+"""Hessian accumulation: exact float64 sums make the result order-independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptqflow.gptq.hessian import HessianSum, hessian_update
+
+
+def _chunks(n_chunks: int = 8, cols: int = 48, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # Varied magnitudes and token counts, as real calibration batches have.
+    return [torch.randn(2, 5 + 3 * i, cols, generator=gen) * (0.1 + i) for i in range(n_chunks)]
+
+
+def _accumulate(chunks: list[torch.Tensor]) -> HessianSum:
+    acc = HessianSum.zeros(chunks[0].shape[-1])
+    for chunk in chunks:
+        acc.add(chunk)
+    return acc
+
+
+def test_update_is_twice_xtx_in_float32() -> None:
+    x = torch.randn(3, 7, 16)
+    flat = x.reshape(-1, 16)
+    update = hessian_update(x)
+    assert update.dtype == torch.float32 and update.shape == (16, 16)
+    torch.testing.assert_close(update, 2 * flat.T @ flat)
+
+
+def test_half_precision_inputs_use_a_float32_matmul() -> None:
+    x = torch.randn(64, 32).to(torch.bfloat16)
+    assert torch.equal(hessian_update(x), hessian_update(x.float()))
+
+
+def test_finalize_divides_by_token_count() -> None:
+    chunks = _chunks()
+    acc = _accumulate(chunks)
+    tokens = sum(c.shape[0] * c.shape[1] for c in chunks)
+    assert acc.count == tokens
+    flat = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double()
+    expected = (2 * flat.T @ flat / tokens).float()
+    hessian = acc.finalize()
+    assert hessian.dtype == torch.float32
+    torch.testing.assert_close(hessian, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_order_and_rank_split_do_not_change_the_result() -> None:
+    """1 rank and N ranks (any chunk order, any merge order) give the same Hessian."""
+    chunks = _chunks()
+    reference = _accumulate(chunks).finalize()
+
+    reversed_order = _accumulate(chunks[::-1]).finalize()
+    shuffled = _accumulate([chunks[i] for i in (3, 0, 7, 5, 1, 6, 2, 4)]).finalize()
+
+    rank_sums = [_accumulate(chunks[r::3]) for r in range(3)]  # 3 "ranks", strided shards
+    merged = rank_sums[2]
+    merged.merge(rank_sums[0])
+    merged.merge(rank_sums[1])
+
+    for other in (reversed_order, shuffled, merged.finalize()):
+        assert torch.equal(other, reference)
+
+
+def test_errors() -> None:
+    acc = HessianSum.zeros(8)
+    with pytest.raises(ValueError, match="count == 0"):
+        acc.finalize()
+    with pytest.raises(ValueError, match="features"):
+        acc.add(torch.randn(4, 9))
+    with pytest.raises(ValueError, match="merge"):
+        acc.merge(HessianSum.zeros(9))
