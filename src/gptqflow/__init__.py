@@ -13,16 +13,20 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "compose", "run"]
 
 
-def compose(config_name: str = "gptq_w4a16", overrides: list[str] | None = None,
-            config_dir: str | None = None) -> dict[str, Any]:
+def compose(
+    config_name: str = "gptq_w4a16",
+    overrides: list[str] | None = None,
+    config_dir: str | None = None,
+) -> dict[str, Any]:
     """Compose a recipe with Hydra and return it as a plain, resolved dict."""
     from gptqflow.framework.compose import compose_recipe
 
     return compose_recipe(config_name, overrides or [], config_dir)
 
 
-def run(config: Any = "gptq_w4a16", overrides: list[str] | None = None,
-        config_dir: str | None = None) -> dict[str, Any]:
+def run(
+    config: Any = "gptq_w4a16", overrides: list[str] | None = None, config_dir: str | None = None
+) -> dict[str, Any]:
     """Run a recipe in this process (world size 1) and return its report.
 
     ``config`` is a recipe name (composed from ``recipes/``), a path to a YAML file,

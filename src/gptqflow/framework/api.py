@@ -30,14 +30,18 @@ def resolve_config(config: Any, overrides: list[str], config_dir: str | None) ->
     return to_plain(cfg)  # type: ignore[arg-type]
 
 
-def execute(resolved: dict[str, Any], ctx: DistContext | None = None, *, source: str | None = None) -> dict[str, Any]:
+def execute(
+    resolved: dict[str, Any], ctx: DistContext | None = None, *, source: str | None = None
+) -> dict[str, Any]:
     """Validate and run a resolved recipe in this process; return the report."""
     recipe: Recipe = validate_recipe(resolved, file=source)
     preflight(recipe)
     own = ctx is None
     if ctx is None:
         rt = recipe.runtime
-        ctx = DistContext.from_environment(backend=rt.backend, device=rt.device, timeout_s=rt.timeout_s)
+        ctx = DistContext.from_environment(
+            backend=rt.backend, device=rt.device, timeout_s=rt.timeout_s
+        )
     try:
         return Runner(recipe, resolved, ctx).run()
     finally:

@@ -61,7 +61,8 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def compose_recipe(
-    config_name: str = DEFAULT_RECIPE, overrides: list[str] | None = None,
+    config_name: str = DEFAULT_RECIPE,
+    overrides: list[str] | None = None,
     config_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Compose ``config_name`` from ``config_dir`` (default: the built-in recipes), resolved.
@@ -81,5 +82,7 @@ def compose_recipe(
         with initialize_config_dir(config_dir=str(directory.resolve()), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
     except HydraException as exc:
-        raise GptqflowError(f"cannot compose recipe {config_name!r} from {directory}: {exc}") from exc
+        raise GptqflowError(
+            f"cannot compose recipe {config_name!r} from {directory}: {exc}"
+        ) from exc
     return to_plain(cfg)

@@ -93,7 +93,7 @@ class DistContext:
         context and nothing is initialised.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+        int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         dev = pick_device(device, local_rank)
         if world_size == 1:
@@ -103,9 +103,7 @@ class DistContext:
         if not dist.is_initialized():
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            dist.init_process_group(
-                backend=chosen, timeout=datetime.timedelta(seconds=timeout_s)
-            )
+            dist.init_process_group(backend=chosen, timeout=datetime.timedelta(seconds=timeout_s))
             owns = True
         return cls(
             rank=dist.get_rank(),
@@ -143,7 +141,9 @@ class DistContext:
             return t.to(self.device)
         return t.cpu() if t.device.type != "cpu" else t
 
-    def all_reduce_sum(self, tensor: torch.Tensor, *, async_op: bool = True) -> tuple[torch.Tensor, Handle]:
+    def all_reduce_sum(
+        self, tensor: torch.Tensor, *, async_op: bool = True
+    ) -> tuple[torch.Tensor, Handle]:
         """Sum ``tensor`` over ranks; returns (result tensor, handle to wait on).
 
         The result lives on the communication device; wait on the handle before

@@ -78,7 +78,7 @@ def hydra_run(argv: list[str]) -> int:
             failures.append(str(exc))
 
     saved = sys.argv
-    sys.argv = ["gptqflow-run", "hydra.job.name=run", *argv]
+    sys.argv = ["gptqflow-run", *_place_hydra_dirs(argv), "hydra.job.name=run"]
     try:
         task()
     finally:
@@ -87,6 +87,23 @@ def hydra_run(argv: list[str]) -> int:
         print(f"gptqflow: {len(failures)} job(s) of the sweep failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _place_hydra_dirs(argv: list[str]) -> list[str]:
+    """Make Hydra's own files (``.hydra/``, ``run.log``) land in the run's ``output_dir``.
+
+    Single run: ``output_dir=X`` also sets ``hydra.run.dir=X``. Multirun: ``output_dir=X``
+    becomes the sweep directory and every job writes to ``X/<job number>`` (one
+    output directory per run, never two jobs in one).
+    """
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    out = [a for a in argv if a.startswith("output_dir=")]
+    if not out or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        return argv
+    value = out[-1].split("=", 1)[1]
+    if multirun:
+        return [a for a in argv if not a.startswith("output_dir=")] + [f"hydra.sweep.dir={value}"]
+    return [*argv, f"hydra.run.dir={value}"]
 
 
 def run_resolved(resolved: dict[str, Any]) -> dict[str, Any] | None:
@@ -113,13 +130,24 @@ def launch_workers(recipe_file: Path, nproc: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    args = ["--standalone", f"--nproc-per-node={nproc}", "--local-ranks-filter=0",
-            "-m", "gptqflow", "_worker", str(recipe_file)]
+    args = [
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--local-ranks-filter=0",
+        "-m",
+        "gptqflow",
+        "_worker",
+        str(recipe_file),
+    ]
     try:
         torchrun_main(args)
     except ChildFailedError as exc:
-        failed = ", ".join(f"rank {r}: exit code {f.exitcode}" for r, f in sorted(exc.failures.items()))
-        raise GptqflowError(f"the distributed run failed ({failed}); see the rank's message above") from None
+        failed = ", ".join(
+            f"rank {r}: exit code {f.exitcode}" for r, f in sorted(exc.failures.items())
+        )
+        raise GptqflowError(
+            f"the distributed run failed ({failed}); see the rank's message above"
+        ) from None
 
 
 def worker_main(recipe_file: str) -> int:

@@ -37,7 +37,10 @@ from gptqflow.framework.schema import (
 )
 
 GROUPS: dict[str, type[BaseModel]] = {
-    "model": ModelGroup, "dataset": DatasetGroup, "scheme": SchemeGroup, "runtime": RuntimeGroup,
+    "model": ModelGroup,
+    "dataset": DatasetGroup,
+    "scheme": SchemeGroup,
+    "runtime": RuntimeGroup,
 }
 
 
@@ -45,7 +48,11 @@ def recipe_files(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*.y*ml") if q.suffix in (".yaml", ".yml") and ".hydra" not in q.parts)
+            out += sorted(
+                q
+                for q in p.rglob("*.y*ml")
+                if q.suffix in (".yaml", ".yml") and ".hydra" not in q.parts
+            )
         else:
             out.append(p)
     return out
@@ -75,7 +82,9 @@ def lint_file(path: Path) -> list[Problem]:
     if problems:
         return problems
     if not isinstance(data, dict):
-        return [Problem("<root>", f"a recipe must be a mapping, got {type(data).__name__}", str(path))]
+        return [
+            Problem("<root>", f"a recipe must be a mapping, got {type(data).__name__}", str(path))
+        ]
     group = path.parent.name
     if group in GROUPS and "stages" not in data:
         return _lint_group_option(path, group, data)
@@ -92,7 +101,11 @@ def _lint_group_option(path: Path, group: str, data: dict[str, Any]) -> list[Pro
         if OmegaConf.is_missing(cfg, key):
             continue  # a value the user must supply on the command line
         try:
-            plain[key] = to_plain(OmegaConf.create({key: cfg[key]}))[key] if OmegaConf.is_interpolation(cfg, key) else data[key]
+            plain[key] = (
+                to_plain(OmegaConf.create({key: cfg[key]}))[key]
+                if OmegaConf.is_interpolation(cfg, key)
+                else data[key]
+            )
         except GptqflowError:
             plain[key] = data[key]
     schema = GROUPS[group]
@@ -103,7 +116,9 @@ def _lint_group_option(path: Path, group: str, data: dict[str, Any]) -> list[Pro
         return [
             Problem(p.path, p.message, str(path))
             for p in problems_from_validation(exc, prefix=group)
-            if not (p.message == "required key is missing" and p.path.split(".")[-1] in required_missing)
+            if not (
+                p.message == "required key is missing" and p.path.split(".")[-1] in required_missing
+            )
         ]
     return []
 
@@ -141,4 +156,6 @@ def _validate(path: Path, resolved: dict[str, Any]) -> list[Problem]:
         recipe = validate_recipe(resolved, file=str(path))
     except RecipeError as exc:
         return exc.problems
-    return [Problem(p.path, p.message, str(path)) for p in model_problems(recipe, require_model=False)]
+    return [
+        Problem(p.path, p.message, str(path)) for p in model_problems(recipe, require_model=False)
+    ]

@@ -38,14 +38,30 @@ def model_problems(recipe: Recipe, *, require_model: bool) -> list[Problem]:
     if solve is None or cal is None:
         return []
     try:
-        shapes = linear_shapes(path, cal[1].targets, cal[1].ignore,  # type: ignore[attr-defined]
-                               getattr(load[1], "trust_remote_code", False))
+        targets = getattr(cal[1], "targets")  # noqa: B009
+        ignore = getattr(cal[1], "ignore")  # noqa: B009
+        shapes = linear_shapes(
+            path,
+            targets,
+            ignore,
+            getattr(load[1], "trust_remote_code", False),
+        )
     except GptqflowError as exc:
         return [Problem(f"stages[{load[0]}](load).path", str(exc))]
     except Exception as exc:  # transformers cannot build it: unsupported architecture etc.
-        return [Problem(f"stages[{load[0]}](load).path", f"cannot build the model from {path}/config.json: {exc}")]
+        return [
+            Problem(
+                f"stages[{load[0]}](load).path",
+                f"cannot build the model from {path}/config.json: {exc}",
+            )
+        ]
     if not shapes:
-        return [Problem(f"stages[{cal[0]}](calibrate).targets", "no Linear module in the decoder layers matches")]
+        return [
+            Problem(
+                f"stages[{cal[0]}](calibrate).targets",
+                "no Linear module in the decoder layers matches",
+            )
+        ]
     return [
         Problem(f"stages[{solve[0]}](solve).group_size", msg + " (override: scheme.group_size=...)")
         for msg in group_size_problems(shapes, getattr(solve[1], "group_size"))  # noqa: B009
@@ -58,21 +74,29 @@ def file_problems(recipe: Recipe) -> list[Problem]:
     for i, s in enumerate(recipe.stages):
         for key in ("calibration_file", "eval_file"):
             value = getattr(s, key, None)
-            if value is not None and not (s.stage == "evaluate" and getattr(s, "max_tokens", 1) == 0):
-                if not Path(value).is_file():
-                    out.append(Problem(f"stages[{i}]({s.stage}).{key}", f"file {value!r} does not exist"))
+            skipped = s.stage == "evaluate" and getattr(s, "max_tokens", 1) == 0
+            if value is not None and not skipped and not Path(value).is_file():
+                out.append(
+                    Problem(f"stages[{i}]({s.stage}).{key}", f"file {value!r} does not exist")
+                )
         if s.stage == "save":
             target = Path(recipe.output_dir) / getattr(s, "subdir")  # noqa: B009
             if target.exists() and any(target.iterdir()) and not getattr(s, "overwrite"):  # noqa: B009
-                out.append(Problem(
-                    f"stages[{i}](save)",
-                    f"{target} already holds a checkpoint; pass overwrite=true to replace it "
-                    "or choose another output_dir",
-                ))
+                out.append(
+                    Problem(
+                        f"stages[{i}](save)",
+                        f"{target} already holds a checkpoint; pass overwrite=true to replace it "
+                        "or choose another output_dir",
+                    )
+                )
     if recipe.dataset.num_samples < recipe.runtime.nproc_per_node:
-        out.append(Problem("dataset.num_samples",
-                           f"{recipe.dataset.num_samples} < runtime.nproc_per_node={recipe.runtime.nproc_per_node}: "
-                           "every rank needs at least one calibration sample"))
+        out.append(
+            Problem(
+                "dataset.num_samples",
+                f"{recipe.dataset.num_samples} < runtime.nproc_per_node={recipe.runtime.nproc_per_node}: "
+                "every rank needs at least one calibration sample",
+            )
+        )
     return out
 
 

@@ -58,7 +58,9 @@ class StageSpec:
 _REGISTRY: dict[str, StageSpec] = {}
 
 
-def register_stage(name: str, impl: type[Stage]) -> Callable[[type[StageConfig]], type[StageConfig]]:
+def register_stage(
+    name: str, impl: type[Stage]
+) -> Callable[[type[StageConfig]], type[StageConfig]]:
     """Class decorator for a stage config: ``@register_stage("solve", SolveStage)``."""
 
     def deco(cls: type[StageConfig]) -> type[StageConfig]:

@@ -17,7 +17,7 @@ import resource
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,12 +97,15 @@ class Runner:
         self.stages = [build_stage(c) for c in recipe.stages]
         self.clock = StageClock()
         self.output_dir = Path(recipe.output_dir)
+        self.state: PipelineState | None = None  # kept after run() for inspection and tests
 
     # -------------------------------------------------------------- entry point
     def run(self) -> dict[str, Any]:
         """Execute every stage; write recipe.yaml and report.json (rank 0); return the report."""
         ctx = self.ctx
-        ctx.check_same("the resolved recipe", json.dumps(self.resolved, sort_keys=True, default=str))
+        ctx.check_same(
+            "the resolved recipe", json.dumps(self.resolved, sort_keys=True, default=str)
+        )
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.output_dir / "recipe.yaml", _recipe_yaml(self.resolved))
@@ -110,7 +113,7 @@ class Runner:
         if rt.num_threads:
             torch.set_num_threads(rt.num_threads)
         torch.manual_seed(self.recipe.seed)
-        state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
+        state = self.state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
         state.extra["progress"] = bool(rt.progress and ctx.is_main and sys.stderr.isatty())
         start = time.perf_counter()
         error: BaseException | None = None
@@ -155,9 +158,9 @@ class Runner:
                 stage.run_step(state, step, self.ctx)
                 self.clock.add(sid, time.perf_counter() - t, 0)
             in_groups += time.perf_counter() - t0
-            self._layer_solve[step.layer_index] = (
-                self._layer_solve.get(step.layer_index, 0.0) + step.solve_seconds.get(self.ctx.rank, 0.0)
-            )
+            self._layer_solve[step.layer_index] = self._layer_solve.get(
+                step.layer_index, 0.0
+            ) + step.solve_seconds.get(self.ctx.rank, 0.0)
             self._layer_loss[step.layer_index] = self._layer_loss.get(step.layer_index, 0.0) + sum(
                 state.quantized[n].loss for n in step.names
             )
@@ -190,7 +193,9 @@ class Runner:
         log.info("layer %d done in %.2fs (imbalance %.3f)", index, seconds, entry["imbalance"])
 
     # -------------------------------------------------------------- report
-    def _report(self, state: PipelineState, seconds: float, error: BaseException | None) -> dict[str, Any]:
+    def _report(
+        self, state: PipelineState, seconds: float, error: BaseException | None
+    ) -> dict[str, Any]:
         mine = {"rank": self.ctx.rank, "stages": self.clock.stats, "peak_rss_bytes": peak_rss()}
         try:
             ranks = self.ctx.gather_objects(mine) if error is None else [mine]
@@ -245,6 +250,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-Callback = Callable[[GroupStep], None]

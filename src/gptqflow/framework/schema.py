@@ -42,7 +42,9 @@ class DatasetGroup(_Group):
     eval_file: str = Field(description="Plain-text evaluation file (perplexity).")
     num_samples: int = Field(128, ge=1, description="Calibration sequences.")
     seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence / eval window.")
-    eval_tokens: int = Field(40960, ge=0, description="Eval tokens (first T of the file); 0 skips evaluation.")
+    eval_tokens: int = Field(
+        40960, ge=0, description="Eval tokens (first T of the file); 0 skips evaluation."
+    )
     seed: int = Field(0, description="Seed of the calibration window selection.")
 
 
@@ -51,18 +53,28 @@ class SchemeGroup(_Group):
 
     name: str = Field(description="Scheme name written to the report (e.g. w4a16).")
     bits: Bits = Field(4, description="Bits per weight.")
-    group_size: GroupSize = Field(128, description="Input columns per scale; -1 = one per output channel.")
+    group_size: GroupSize = Field(
+        128, description="Input columns per scale; -1 = one per output channel."
+    )
     symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
-    actorder: ActOrderName = Field("none", description="Activation order: none | static | group (g_idx).")
+    actorder: ActOrderName = Field(
+        "none", description="Activation order: none | static | group (g_idx)."
+    )
 
 
 class RuntimeGroup(_Group):
     """``runtime.*``: how and where the pipeline runs."""
 
     nproc_per_node: int = Field(1, ge=1, description="Ranks on this machine (1 = one process).")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Execution device for each layer.")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per rank (None: torch default).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl on CUDA, gloo on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Execution device for each layer."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads per rank (None: torch default)."
+    )
     progress: bool = Field(True, description="Progress bars on rank 0 when stdout is a terminal.")
     timeout_s: float = Field(600.0, gt=0, description="Collective timeout, seconds.")
 
@@ -178,25 +190,41 @@ def order_problems(names: list[str]) -> list[Problem]:
         for need in _ORDER_NEEDS.get(name, ()):
             if need not in names[:i]:
                 where = "after" if need in names[i:] else "without"
-                probs.append(Problem(f"stages[{i}]({name})",
-                                     f"'{name}' cannot run {where} '{need}': '{need}' must come before it"))
+                probs.append(
+                    Problem(
+                        f"stages[{i}]({name})",
+                        f"'{name}' cannot run {where} '{need}': '{need}' must come before it",
+                    )
+                )
     for unique in ("load", "partition", "save", *LAYER_LOOP):
         idx = [i for i, n in enumerate(names) if n == unique]
         if len(idx) > 1:
-            probs.append(Problem(f"stages[{idx[1]}]({unique})",
-                                 f"'{unique}' appears {len(idx)} times (at {idx}); it may appear once"))
+            probs.append(
+                Problem(
+                    f"stages[{idx[1]}]({unique})",
+                    f"'{unique}' appears {len(idx)} times (at {idx}); it may appear once",
+                )
+            )
     if names and names[0] != "load":
         probs.append(Problem("stages[0]", f"the pipeline must start with 'load', not {names[0]!r}"))
     loop = [i for i, n in enumerate(names) if n in LAYER_LOOP]
     if loop and not probs:
         got = [names[i] for i in loop]
         if got != list(LAYER_LOOP[: len(got)]) or loop != list(range(loop[0], loop[0] + len(loop))):
-            probs.append(Problem(f"stages[{loop[0]}]",
-                                 f"the per-layer stages must appear together in the order {list(LAYER_LOOP)}; got {got}"))
+            probs.append(
+                Problem(
+                    f"stages[{loop[0]}]",
+                    f"the per-layer stages must appear together in the order {list(LAYER_LOOP)}; got {got}",
+                )
+            )
         elif got != list(LAYER_LOOP):
             missing = [n for n in LAYER_LOOP if n not in got]
-            probs.append(Problem(f"stages[{loop[-1]}]({got[-1]})",
-                                 f"the per-layer loop is incomplete: missing {missing}"))
+            probs.append(
+                Problem(
+                    f"stages[{loop[-1]}]({got[-1]})",
+                    f"the per-layer loop is incomplete: missing {missing}",
+                )
+            )
     return probs
 
 
@@ -222,7 +250,9 @@ def validate_recipe(raw: Mapping[str, Any], *, file: str | None = None) -> Recip
         if all(isinstance(n, str) and n in registered() for n in names):
             problems += order_problems([str(n) for n in names])
     elif stages_raw is not None:
-        problems.append(Problem("stages", f"must be a list of stage entries, got {type(stages_raw).__name__}"))
+        problems.append(
+            Problem("stages", f"must be a list of stage entries, got {type(stages_raw).__name__}")
+        )
     if problems or recipe is None:
         raise RecipeError([Problem(p.path, p.message, file) for p in problems])
     return recipe.model_copy(update={"stages": parsed})

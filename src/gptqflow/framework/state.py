@@ -32,8 +32,12 @@ class GroupStep:
     hessian: HessianSum
     plan: list[RowSlice] = field(default_factory=list)
     full_hessian: torch.Tensor | None = None  # float32, divided by the token count
-    results: dict[tuple[int, int], QuantResult] = field(default_factory=dict)  # (module, start) -> slice
-    solve_seconds: dict[int, float] = field(default_factory=dict)  # rank -> seconds (this rank's entry)
+    results: dict[tuple[int, int], QuantResult] = field(
+        default_factory=dict
+    )  # (module, start) -> slice
+    solve_seconds: dict[int, float] = field(
+        default_factory=dict
+    )  # rank -> seconds (this rank's entry)
 
     @property
     def cols(self) -> int:
@@ -58,7 +62,9 @@ class PipelineState:
     sample_range: range = range(0)
     quant_args: QuantArgs | None = None
     quantized: dict[str, QuantResult] = field(default_factory=dict)
-    perplexity: dict[str, float | None] = field(default_factory=lambda: {"baseline": None, "quantized": None})
+    perplexity: dict[str, float | None] = field(
+        default_factory=lambda: {"baseline": None, "quantized": None}
+    )
     layer_reports: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -14,6 +14,8 @@ being quantized is one contiguous vector.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +69,10 @@ def prepare_factor(
 ) -> HessianFactor:
     """Dampen, (optionally) permute and factor the Hessian. Never mutates ``hessian``.
 
-    Dead columns (diagonal 0) are decoupled (row and column zeroed, diagonal set
-    to 1) so that no error is ever propagated into or out of them.  Dampening
+    The Hessian is symmetrized first.  Dead columns (diagonal 0) are decoupled
+    (row and column zeroed, diagonal set to 1) so that no error is ever
+    propagated into or out of them; their weights are zeroed by the sweep.
+    Activation order sorts the diagonal, descending.  Dampening
     ``damp * mean(diag)`` is added to the diagonal; if the Cholesky
     factorisation fails (the Hessian is only semi-definite, e.g. fewer tokens
     than features), it is retried with ten times the dampening, up to
@@ -76,11 +80,16 @@ def prepare_factor(
     """
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian must be square [cols, cols], got shape {tuple(hessian.shape)}")
-    h = hessian.detach().to(dtype=dtype, copy=True)
+    h = hessian.detach().to(dtype=dtype)
+    # Cholesky reads one triangle only; symmetrizing (a no-op, bit for bit, on a
+    # symmetric input) lets a NaN anywhere poison the factorisation instead of
+    # going unnoticed, and also copies, so the input is never mutated.
+    h = (h + h.T) / 2
     dead = h.diagonal() == 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h.diagonal()[dead] = 1
+    if bool(dead.any()):
+        h[dead, :] = 0
+        h[:, dead] = 0
+        h.diagonal()[dead] = 1
     perm = None
     if args.actorder != "none":
         # Stable sort: ties (e.g. dead columns, all with diagonal 1) keep their
@@ -106,18 +115,38 @@ def prepare_factor(
 def _inverse_cholesky(h: torch.Tensor, damp: torch.Tensor) -> torch.Tensor | None:
     """Upper Cholesky factor of ``(h + damp·I)⁻¹``, or ``None`` if any step fails.
 
-    ``cholesky_ex`` reports failure through ``info`` instead of raising, and a
-    non-finite factor (NaN inputs) counts as a failure too.
+    ``cholesky_ex`` reports failure through ``info`` instead of raising.  A NaN
+    or inf anywhere in the (symmetric) input reaches the factor's diagonal, so
+    a non-finite diagonal counts as a failure too (checking it is O(n)).  On CPU the LAPACK
+    calls run on one thread: multi-threaded factorisations round differently
+    with each thread count, and the factor must not depend on how a run was
+    launched (torchrun defaults ranks to one thread, a single process uses all
+    cores) for 1 rank and N ranks to agree.  It costs ~0.2 s at 1536 columns.
     """
     damped = h.clone()
     damped.diagonal().add_(damp)
-    lower, info = torch.linalg.cholesky_ex(damped)
-    if int(info) != 0 or not bool(torch.isfinite(lower).all()):
-        return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
+    with _single_threaded(damped.device):
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) != 0 or not bool(torch.isfinite(lower.diagonal()).all()):
+            return None
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(upper.diagonal()).all()):
         return None
     return upper
+
+
+@contextmanager
+def _single_threaded(device: torch.device) -> Iterator[None]:
+    """Run CPU intra-op work on one thread inside the block (restored afterwards)."""
+    previous = torch.get_num_threads()
+    if device.type != "cpu" or previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -181,14 +210,13 @@ def solve_rows(
     if args.block_size <= 0:
         raise ValueError(f"block_size must be positive, got {args.block_size}")
 
-    work = weight.detach().to(dtype=dtype, copy=True)
+    # Zero rows pad small slices (see _MIN_SWEEP_ROWS); they are dropped at the end.
+    work = torch.zeros(max(rows, _MIN_SWEEP_ROWS), cols, dtype=dtype, device=weight.device)
+    work[:rows] = weight.detach()
     work[:, factor.dead.to(work.device)] = 0
     grid = _plan_grid(work, factor, args, group, weight.dtype)
 
-    padded = max(rows, _MIN_SWEEP_ROWS)
-    swept = work.T if factor.perm is None else work.T[factor.perm]
-    sweep_t = torch.zeros(cols, padded, dtype=dtype, device=work.device)
-    sweep_t[:, :rows] = swept
+    sweep_t = work.T.contiguous() if factor.perm is None else work.T[factor.perm]
     codes_t, scale_t, zp_t = _sweep(sweep_t, factor.hinv.to(dtype), grid, args, weight.dtype)
 
     if factor.perm is not None:

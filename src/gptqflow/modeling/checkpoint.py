@@ -6,8 +6,8 @@ The output is the standard ``compressed-tensors`` layout that vLLM serves and
 * ``config.json`` with a ``quantization_config`` (``quant_method:
   "compressed-tensors"``, one config group targeting ``Linear``, the ``ignore``
   list, ``quantization_status: "compressed"``), serialized by the library itself
-  (:meth:`ModelCompressor.update_config`) so the JSON is exactly what
-  llm-compressor would write;
+  (:meth:`ModelCompressor.update_config`), so its layout is the one
+  llm-compressor writes;
 * ``model.safetensors`` (or shards plus ``model.safetensors.index.json``) with, per
   quantized module, ``weight_packed`` (int32), ``weight_scale`` (the model's float
   dtype, because that is the dtype compressed-tensors allocates for scales at load
@@ -67,6 +67,7 @@ from compressed_tensors.quantization import (
 from compressed_tensors.utils import match_named_modules
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.gptq.types import QuantArgs, QuantResult
@@ -106,8 +107,10 @@ def build_quantization_config(
     """The library's config object for ``args``: one group, ``Linear`` targets.
 
     Built through compressed-tensors' pydantic models so that anything they reject
-    fails here, at write time, not when a server loads the checkpoint. actorder
-    "group" is represented with ``actorder=None`` because compressed-tensors >= 0.20
+    fails here, at write time, not when a server loads the checkpoint. Usable
+    before any model is loaded, to validate a recipe. actorder "static" is written
+    under its canonical name "weight" (it changes only the GPTQ column order, not
+    the format); actorder "group" is represented with ``actorder=None`` because compressed-tensors >= 0.20
     removed it from its models; :func:`write_compressed_checkpoint` writes the
     ``"group"`` value into the JSON itself (see ``_actorder_group_json``).
     """
@@ -146,11 +149,17 @@ def _strategy(args: QuantArgs) -> QuantizationStrategy:
 
 def _resolve_format(scheme: QuantizationScheme, requested: str | None) -> CompressionFormat:
     """The library's inferred format unless the caller forces a supported one."""
-    inferred = infer_module_format(torch.nn.Linear, scheme)
-    fmt = CompressionFormat(requested) if requested is not None else inferred
+    names = [f.value for f in SUPPORTED_FORMATS]
+    if requested is None:
+        fmt = infer_module_format(torch.nn.Linear, scheme)
+    elif requested in names:
+        fmt = CompressionFormat(requested)
+    else:
+        raise GptqflowError(f"checkpoint format {requested!r} is not supported; use one of {names}")
     if fmt not in SUPPORTED_FORMATS:
-        names = [f.value for f in SUPPORTED_FORMATS]
-        raise GptqflowError(f"checkpoint format {fmt.value!r} is not supported; use one of {names}")
+        raise GptqflowError(
+            f"compressed-tensors chose format {fmt.value!r}; expected one of {names}"
+        )
     bits = scheme.weights.num_bits if scheme.weights is not None else 0
     if not 1 <= bits <= 8:
         raise GptqflowError(f"compressed-tensors integer checkpoints hold 1..8 bits, got {bits}")
@@ -161,12 +170,12 @@ def _resolve_format(scheme: QuantizationScheme, requested: str | None) -> Compre
 
 
 def write_compressed_checkpoint(
-    model: Any,
+    model: PreTrainedModel,
     quantized: Mapping[str, QuantResult],
     args: QuantArgs,
     out_dir: Path,
     *,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     ignore: Sequence[str] = ("lm_head",),
     overwrite: bool = False,
     format: str | None = None,
@@ -189,6 +198,18 @@ def write_compressed_checkpoint(
     ``out_dir`` and is renamed into place at the end; on failure the temporary
     directory is removed and an existing ``out_dir`` is left as it was. It is
     deterministic: the same inputs give byte-identical files.
+
+    ``format``: ``None`` lets compressed-tensors choose (``pack-quantized``);
+    ``"int-quantized"`` stores 8-bit codes unpacked (loads in transformers, not in
+    vLLM for weight-only schemes). ``max_shard_bytes``: split the tensors into
+    shards of at most this size plus an index json; ``None`` writes one
+    ``model.safetensors`` (fine up to a few GB). Scales are cast to the module's
+    weight dtype; the quantizer already rounds them to it before choosing codes.
+
+    Loading caveats with compressed-tensors 0.20 (formats are right, loaders lag):
+    asymmetric ``pack-quantized`` checkpoints load in transformers only with
+    ``CompressedTensorsConfig(dequantize=True)``, and actorder "group" checkpoints
+    not at all (vLLM reads both).
     """
     out_dir = Path(out_dir)
     _check_destination(out_dir, overwrite)
@@ -196,21 +217,23 @@ def write_compressed_checkpoint(
     fmt = CompressionFormat(qconfig.format)
     _check_coverage(model, quantized, ignore)
 
+    tensors = _dense_tensors(model, skip_modules=quantized.keys())
+    for name in sorted(quantized):
+        weight = model.get_parameter(f"{name}.weight")
+        tensors.update(_module_tensors(name, quantized[name], args, fmt, weight))
+
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from a killed run of a process with our pid
     tmp.mkdir(parents=True)
     try:
-        tensors = _dense_tensors(model, skip_modules=quantized.keys())
-        for name in sorted(quantized):
-            weight = model.get_submodule(name).weight
-            tensors.update(_module_tensors(name, quantized[name], args, fmt, weight))
         _save_tensors(tensors, tmp, max_shard_bytes)
         _save_config(model, qconfig, tmp, actorder_group=args.actorder == "group")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _match_file_modes(tmp, reference=tmp / CONFIG_NAME)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,7 +252,9 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _check_coverage(model: Any, quantized: Mapping[str, QuantResult], ignore: Sequence[str]) -> None:
+def _check_coverage(
+    model: PreTrainedModel, quantized: Mapping[str, QuantResult], ignore: Sequence[str]
+) -> None:
     """The modules the loader will treat as quantized must be exactly ``quantized``."""
     expected = {name for name, _ in match_named_modules(model, TARGETS, ignore)}
     given = set(quantized)
@@ -247,27 +272,36 @@ def _check_coverage(model: Any, quantized: Mapping[str, QuantResult], ignore: Se
         )
 
 
-def _dense_tensors(model: Any, skip_modules: Iterable[str]) -> dict[str, torch.Tensor]:
+def _dense_tensors(model: PreTrainedModel, skip_modules: Iterable[str]) -> dict[str, torch.Tensor]:
     """Every parameter/persistent buffer except quantized weights and tied copies."""
     state = model.state_dict()
-    for target in _tied_targets(model, state):
+    skipped = {f"{name}.weight" for name in skip_modules}
+    for target in _tied_targets(model, state, skipped):
         del state[target]
-    for name in skip_modules:
-        del state[f"{name}.weight"]
+    for key in skipped:
+        del state[key]
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _tied_targets(model: Any, state: Mapping[str, torch.Tensor]) -> list[str]:
+def _tied_targets(
+    model: PreTrainedModel, state: Mapping[str, torch.Tensor], quantized: set[str]
+) -> list[str]:
     """Names that the config ties to another tensor (e.g. ``lm_head.weight``).
 
     transformers re-ties them at load, so writing them would only duplicate data
-    (SmolLM2's embedding is a third of the model). We refuse to drop a target
+    (SmolLM2-135M's embedding is a fifth of the model). We refuse to drop a target
     whose values differ from its source: then the config is lying, and dropping
-    it would silently change the model.
+    it would silently change the model. A tied weight cannot be quantized: the
+    other user of the tensor (the embedding) would need it dense.
     """
     tied: Mapping[str, str] = model.get_expanded_tied_weights_keys(all_submodels=True)
     targets = []
     for target, source in sorted(tied.items()):
+        if target in quantized or source in quantized:
+            raise GptqflowError(
+                f"{target} is tied to {source} and cannot be quantized; add it to the "
+                "ignore list or untie the weights (tie_word_embeddings=false)"
+            )
         if target not in state:
             continue
         if source in state and not _same_values(state[target], state[source]):
@@ -325,11 +359,17 @@ def _check_result(name: str, result: QuantResult, args: QuantArgs, rows: int, co
     n_groups = cols // args.group_size if args.group_size > 0 else 1
     q, scale, zp = result.qweight, result.scale, result.zero_point
     if tuple(q.shape) != (rows, cols) or q.dtype != torch.int8:
-        raise ValueError(f"{name}: qweight must be int8 {(rows, cols)}, got {q.dtype} {tuple(q.shape)}")
+        raise ValueError(
+            f"{name}: qweight must be int8 {(rows, cols)}, got {q.dtype} {tuple(q.shape)}"
+        )
     if tuple(scale.shape) != (rows, n_groups) or not scale.is_floating_point():
-        raise ValueError(f"{name}: scale must be float {(rows, n_groups)}, got {tuple(scale.shape)}")
+        raise ValueError(
+            f"{name}: scale must be float {(rows, n_groups)}, got {tuple(scale.shape)}"
+        )
     if tuple(zp.shape) != (rows, n_groups) or zp.is_floating_point():
-        raise ValueError(f"{name}: zero_point must be int {(rows, n_groups)}, got {tuple(zp.shape)}")
+        raise ValueError(
+            f"{name}: zero_point must be int {(rows, n_groups)}, got {tuple(zp.shape)}"
+        )
     if int(q.min()) < args.qmin or int(q.max()) > args.qmax:
         raise ValueError(f"{name}: codes outside [{args.qmin}, {args.qmax}] for {args.bits} bits")
     if args.symmetric and bool(zp.any()):
@@ -364,17 +404,25 @@ def _check_round_trip(name: str, unpacked: torch.Tensor, codes: torch.Tensor) ->
         )
 
 
-def _save_tensors(tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int | None) -> None:
+def _save_tensors(
+    tensors: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int | None
+) -> None:
     """One ``model.safetensors``, or size-capped shards with an index json."""
     keys = sorted(tensors)
     shards = _plan_shards(keys, tensors, max_shard_bytes)
     if len(shards) == 1:
-        save_file({k: tensors[k] for k in keys}, str(directory / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
+        save_file(
+            {k: tensors[k] for k in keys},
+            str(directory / WEIGHTS_NAME),
+            metadata=SAFETENSORS_METADATA,
+        )
         return
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in shard}, str(directory / file), metadata=SAFETENSORS_METADATA)
+        save_file(
+            {k: tensors[k] for k in shard}, str(directory / file), metadata=SAFETENSORS_METADATA
+        )
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(_nbytes(t) for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -405,7 +453,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _save_config(model: Any, qconfig: QuantizationConfig, directory: Path, *, actorder_group: bool) -> None:
+def _save_config(
+    model: PreTrainedModel, qconfig: QuantizationConfig, directory: Path, *, actorder_group: bool
+) -> None:
     """``config.json``: the model's config plus the library-serialized quantization_config.
 
     ``dtype`` is pinned to the model's dtype (the scales' dtype) and
@@ -455,6 +505,18 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _match_file_modes(directory: Path, reference: Path) -> None:
+    """Give every file the mode of ``reference`` (created with the process umask).
+
+    safetensors creates its files 0600, which would keep a server running as
+    another user (a shared vLLM deployment) from reading the checkpoint.
+    """
+    mode = reference.stat().st_mode & 0o777
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(mode)
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` to ``out_dir``, replacing an old one only now.
 
@@ -493,7 +555,9 @@ def read_quantized_codes(checkpoint_dir: Path | str) -> dict[str, dict[str, torc
     bits = int(weights["num_bits"])
     packed_format = weights["format"] == CompressionFormat.pack_quantized.value
     tensors = _read_tensors(checkpoint_dir)
-    modules = sorted(k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale"))
+    modules = sorted(
+        k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")
+    )
     return {name: _module_codes(name, tensors, bits, packed_format) for name in modules}
 
 
@@ -555,12 +619,9 @@ def _module_codes(
             zp = unpack_from_int32(zp, bits, torch.Size((shape[0], scale.shape[-1])), packed_dim=0)
     else:
         codes = tensors[f"{name}.weight"]
-    out = {
-        "qweight": codes,
-        "scale": scale,
-        "zero_point": zp.to(torch.int8) if zp is not None else torch.zeros(scale.shape, dtype=torch.int8),
-    }
+    if zp is None:  # symmetric: the checkpoint omits the zeros
+        zp = torch.zeros(scale.shape, dtype=torch.int8)
+    out = {"qweight": codes, "scale": scale, "zero_point": zp.to(torch.int8)}
     if f"{name}.weight_g_idx" in tensors:
         out["g_idx"] = tensors[f"{name}.weight_g_idx"]
     return out
-

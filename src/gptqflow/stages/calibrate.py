@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Literal
 
 import torch
@@ -81,17 +81,21 @@ def capture_layer_inputs(
         x = args[0] if args else kw["hidden_states"]
         hidden.append(x.detach())
         if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")})
+            kwargs.update(
+                {
+                    k: v
+                    for k, v in kw.items()
+                    if k not in ("hidden_states", "past_key_values", "past_key_value", "use_cache")
+                }
+            )
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.inference_mode():
             for i in range(samples.shape[0]):
-                try:
+                with suppress(_StopForward):
                     model(input_ids=samples[i : i + 1], use_cache=False)
-                except _StopForward:
-                    pass
     finally:
         handle.remove()
     return torch.cat(hidden, dim=0), kwargs
@@ -126,7 +130,7 @@ def trace_groups(
     states, gate/up on the normed residual) share one Hessian. Found by running the
     layer once on one sample with pre-hooks, so no architecture is hard-coded.
     """
-    by_module = {m: n for n, m in linears.items()}
+    by_module: dict[nn.Module, str] = {m: n for n, m in linears.items()}
     seen: dict[int, list[str]] = {}
     order: list[int] = []
     keep: list[torch.Tensor] = []  # keep inputs alive so their ids cannot be reused
@@ -149,7 +153,9 @@ def trace_groups(
     groups = [seen[k] for k in order]
     missing = set(linears) - {n for g in groups for n in g}
     if missing:
-        raise GptqflowError(f"targeted modules never called in the layer forward: {sorted(missing)}")
+        raise GptqflowError(
+            f"targeted modules never called in the layer forward: {sorted(missing)}"
+        )
     return groups
 
 
@@ -172,7 +178,10 @@ class CalibrateStage(Stage):
         return len(state.layers)
 
     def run_layer(
-        self, state: PipelineState, ctx: DistContext, index: int,
+        self,
+        state: PipelineState,
+        ctx: DistContext,
+        index: int,
         on_group: Callable[[GroupStep], None],
     ) -> None:
         """Quantize layer ``index`` group by group and advance the hidden states through it."""
@@ -184,9 +193,11 @@ class CalibrateStage(Stage):
         layer.to(ctx.device)
         try:
             groups = trace_groups(layer, hidden[:1], kwargs, linears) if linears else []
-            with per_sample_linears(layer), self._group_hooks(
-                index, groups, linears, on_group
-            ), torch.inference_mode():
+            with (
+                per_sample_linears(layer),
+                self._group_hooks(index, groups, linears, on_group),
+                torch.inference_mode(),
+            ):
                 out = layer(hidden, **kwargs)
         finally:
             layer.to("cpu")
@@ -195,7 +206,10 @@ class CalibrateStage(Stage):
 
     @contextmanager
     def _group_hooks(
-        self, index: int, groups: Sequence[list[str]], linears: Mapping[str, nn.Linear],
+        self,
+        index: int,
+        groups: Sequence[list[str]],
+        linears: Mapping[str, nn.Linear],
         on_group: Callable[[GroupStep], None],
     ) -> Iterator[None]:
         """Pre-hooks that, at the first call into a group, build its Hessian and quantize it.
@@ -204,7 +218,7 @@ class CalibrateStage(Stage):
         everything after it) already uses the quantized weights.
         """
         done: set[int] = set()
-        group_of = {linears[n]: gi for gi, g in enumerate(groups) for n in g}
+        group_of: dict[nn.Module, int] = {linears[n]: gi for gi, g in enumerate(groups) for n in g}
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             gi = group_of[mod]
@@ -237,5 +251,6 @@ class CalibrateConfig(StageConfig):
         description="Linear modules inside the decoder layers to quantize: names, suffixes or re:<regex>.",
     )
     ignore: list[str] = Field(
-        default_factory=lambda: ["lm_head"], description="Modules kept in full precision (same syntax)."
+        default_factory=lambda: ["lm_head"],
+        description="Modules kept in full precision (same syntax).",
     )

@@ -33,7 +33,9 @@ class HessianReduceStage(Stage):
 
     def run_step(self, state: PipelineState, step: GroupStep, ctx: DistContext) -> None:
         step.plan = split_rows(step.rows, ctx.world_size, min_rows=self.config.min_rows_per_rank)
-        count = torch.tensor([step.hessian.count], dtype=torch.float64, device=step.hessian.sum.device)
+        count = torch.tensor(
+            [step.hessian.count], dtype=torch.float64, device=step.hessian.sum.device
+        )
         total, h1 = ctx.all_reduce_sum(step.hessian.sum)
         tokens, h2 = ctx.all_reduce_sum(count)
         h1.wait()

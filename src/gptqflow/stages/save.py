@@ -34,8 +34,12 @@ class SaveStage(Stage):
         if ctx.is_main:
             assert state.quant_args is not None
             write_compressed_checkpoint(
-                state.model, state.quantized, state.quant_args, out,
-                tokenizer=state.tokenizer, ignore=self.config.ignore,
+                state.model,
+                state.quantized,
+                state.quant_args,
+                out,
+                tokenizer=state.tokenizer,
+                ignore=self.config.ignore,
                 overwrite=self.config.overwrite,
             )
         ctx.barrier("save")
@@ -50,5 +54,6 @@ class SaveConfig(StageConfig):
     subdir: str = Field("checkpoint", description="Checkpoint directory, relative to output_dir.")
     overwrite: bool = Field(False, description="Replace an existing checkpoint there.")
     ignore: list[str] = Field(
-        default_factory=lambda: ["lm_head"], description="Modules listed as unquantized in the config."
+        default_factory=lambda: ["lm_head"],
+        description="Modules listed as unquantized in the config.",
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from gptqflow.framework.distributed import DistContext
@@ -42,8 +41,13 @@ class SolveStage(Stage):
     def args(self) -> QuantArgs:
         c = self.config
         return QuantArgs(
-            bits=c.bits, group_size=c.group_size, symmetric=c.symmetric, actorder=c.actorder,
-            block_size=c.block_size, dampening=c.dampening, max_damp_retries=c.max_damp_retries,
+            bits=c.bits,
+            group_size=c.group_size,
+            symmetric=c.symmetric,
+            actorder=c.actorder,
+            block_size=c.block_size,
+            dampening=c.dampening,
+            max_damp_retries=c.max_damp_retries,
         )
 
     def run_step(self, state: PipelineState, step: GroupStep, ctx: DistContext) -> None:
@@ -65,7 +69,9 @@ class SolveStage(Stage):
                 if factor is None:
                     res = rtn_quantize(w, args)
                 else:
-                    res = solve_rows(w, factor, args, hessian=h if self.config.report_loss else None)
+                    res = solve_rows(
+                        w, factor, args, hessian=h if self.config.report_loss else None
+                    )
                 step.results[(s.module, s.start)] = res
         step.solve_seconds[ctx.rank] = time.perf_counter() - start
 
@@ -76,18 +82,25 @@ class SolveConfig(StageConfig):
 
     phase = "layer"
     stage: Literal["solve"] = "solve"
-    method: Literal["gptq", "rtn"] = Field("gptq", description="gptq, or rtn (round-to-nearest baseline).")
+    method: Literal["gptq", "rtn"] = Field(
+        "gptq", description="gptq, or rtn (round-to-nearest baseline)."
+    )
     bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
     group_size: Literal[-1, 32, 64, 128, 256] = Field(
         128, description="Input columns sharing one scale; -1 = one scale per output channel."
     )
     symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
     actorder: Literal["none", "static", "group"] = Field(
-        "none", description="Sweep columns by decreasing Hessian diagonal; group = groups follow it (g_idx)."
+        "none",
+        description="Sweep columns by decreasing Hessian diagonal; group = groups follow it (g_idx).",
     )
     block_size: int = Field(128, ge=1, description="Columns per lazy-batch block of the sweep.")
     dampening: float = Field(
         0.01, gt=0, lt=1, description="Added to the Hessian diagonal, as a fraction of its mean."
     )
-    max_damp_retries: int = Field(6, ge=0, description="Cholesky retries, each with 10x the dampening.")
-    report_loss: bool = Field(True, description="Compute tr((W-Q)H(W-Q)ᵀ) per module for the report.")
+    max_damp_retries: int = Field(
+        6, ge=0, description="Cholesky retries, each with 10x the dampening."
+    )
+    report_loss: bool = Field(
+        True, description="Compute tr((W-Q)H(W-Q)ᵀ) per module for the report."
+    )

@@ -1,0 +1,112 @@
+"""Builders for the tiny test model and tokenizer, shared by fixtures and tests.
+
+Kept out of ``conftest.py`` so tests can build variants (more layers, other widths)
+with ``from helpers import make_tiny_llama``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Used when the shared WikiText files are absent, so the tokenizer fixture still works.
+FALLBACK_TEXT = (
+    " = Valkyria Chronicles III = \n\n"
+    " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game "
+    "developed by Sega and Media.Vision for the PlayStation Portable . Released in January "
+    "2011 in Japan , it is the third game in the Valkyria series . The game began development "
+    "in 2010 , carrying over a large portion of the work done on Valkyria Chronicles II . "
+    "The tower is 324 metres ( 1 @,@ 063 ft ) tall , about the same height as an 81 @-@ "
+    "storey building , and the tallest structure in Paris . \n"
+) * 40
+
+TINY_VOCAB_SIZE = 512
+SPECIAL_TOKENS = ["<|endoftext|>"]
+
+# Group size 128 must divide every Linear's input width: hidden 128, intermediate 256.
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+
+
+def train_tiny_tokenizer(out_dir: Path, text: str, vocab_size: int = TINY_VOCAB_SIZE) -> Path:
+    """Train a byte-level BPE tokenizer on ``text`` and save it as a transformers tokenizer.
+
+    Byte-level, like SmolLM2/GPT-2, so any text round-trips without unknown tokens.
+    No post-processor: like SmolLM2, encoding adds no BOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_tiny_llama(
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    *,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Save a seeded, randomly initialised float32 LlamaForCausalLM (safetensors) to ``out_dir``.
+
+    With ``tokenizer_dir`` its files are copied next to the model and the vocabulary
+    size is taken from it, so ``out_dir`` is a complete model directory. Any
+    ``LlamaConfig`` field can be overridden (e.g. ``num_hidden_layers=3``). The global
+    RNG state is left untouched.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    fields: dict[str, Any] = {**TINY_LLAMA_CONFIG, "vocab_size": TINY_VOCAB_SIZE}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        fields.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        _copy_files(tokenizer_dir, out_dir)
+    fields.update(config_overrides)
+    config = LlamaConfig(**fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).float().eval()
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _copy_files(src: Path, dst: Path) -> None:
+    """Copy the plain files of ``src`` into ``dst`` (tokenizer files are flat)."""
+    for f in Path(src).iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
