@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +153,58 @@ def launch_workers(recipe_file: Path, nproc: int) -> None:
 
 
 def worker_main(recipe_file: str) -> int:
-    """One rank started by :func:`launch_workers`: run the recipe file; say which rank failed."""
+    """One rank started by :func:`launch_workers`: run the recipe file."""
     from gptqflow.framework.api import execute
 
+    def go() -> None:
+        execute(yaml.safe_load(Path(recipe_file).read_text()), source=recipe_file)
+
+    return run_rank(go)
+
+
+def _is_peer_loss(exc: BaseException) -> bool:
+    """A collective failed because another rank died or stopped answering."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        k in text
+        for k in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Gloo")
+    )
+
+
+def run_rank(fn: Callable[[], None]) -> int:
+    """Run one rank's work; on failure print one line naming this rank and the cause, return 1.
+
+    A user error (GptqflowError) is printed as is. A failed collective means another
+    rank died or hung past ``runtime.timeout_s``: this rank says so and exits, and
+    the failing rank's own message gives the cause. Anything else is a bug: the
+    traceback is printed too.
+    """
     rank = os.environ.get("RANK", "0")
     try:
-        resolved = yaml.safe_load(Path(recipe_file).read_text())
-        execute(resolved, source=recipe_file)
+        fn()
     except GptqflowError as exc:
-        print(f"gptqflow: error on rank {rank}: {exc}", file=sys.stderr)
+        print(f"gptqflow: error on rank {rank}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:
+        if _is_peer_loss(exc):
+            print(
+                f"gptqflow: error on rank {rank}: lost contact with another rank "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "the failing rank's message above gives the cause",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            traceback.print_exc()
+            print(
+                f"gptqflow: error on rank {rank}: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
         return 1
     return 0
 
@@ -173,10 +218,4 @@ def _torchrun_rank(argv: list[str]) -> int:
     if not any(o.startswith("output_dir=") for o in overrides):
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
         overrides.append(f"output_dir=outputs/{name}/{run_id}")
-    resolved = compose_recipe(name, overrides, cdir)
-    try:
-        execute(resolved)
-    except GptqflowError as exc:
-        print(f"gptqflow: error on rank {os.environ.get('RANK', '0')}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_rank(lambda: execute(compose_recipe(name, overrides, cdir)))

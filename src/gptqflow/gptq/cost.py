@@ -87,7 +87,9 @@ class CostModel:
     def factor_seconds(self, cols: int) -> float:
         """One :func:`prepare_factor` of a ``cols × cols`` Hessian (paid once per rank per group)."""
         c = float(cols)
-        return self.factor_overhead_s + self.factor_s_per_col2 * c * c + self.factor_s_per_col3 * c**3
+        return (
+            self.factor_overhead_s + self.factor_s_per_col2 * c * c + self.factor_s_per_col3 * c**3
+        )
 
     def sweep_seconds(self, rows: int, cols: int) -> float:
         """One :func:`solve_rows` call on ``rows`` rows (0 rows: no call, no cost)."""
@@ -116,10 +118,9 @@ class CostModel:
         per_row = self.sweep_row_seconds(cols)
         if per_row <= 0:
             return 1 << 62 if budget >= 0 else 0
-        if budget < per_row * self.min_sweep_rows:
-            return 0
         # A hair of slack so that rows_within(sweep_seconds(n)) == n despite rounding.
-        return max(self.min_sweep_rows, int(math.floor(budget / per_row * (1 + 1e-12))))
+        rows = math.floor(budget / per_row * (1 + 1e-12))
+        return rows if rows >= self.min_sweep_rows else 0
 
     # ------------------------------------------------------------------ communication
     def allreduce_seconds(self, nbytes: int, ranks: int) -> float:
@@ -241,7 +242,9 @@ def factor_features(cols: int) -> list[float]:
     return [1.0, c * c, c**3]
 
 
-def sweep_features(rows: int, cols: int, min_sweep_rows: int = DEFAULT_MIN_SWEEP_ROWS) -> list[float]:
+def sweep_features(
+    rows: int, cols: int, min_sweep_rows: int = DEFAULT_MIN_SWEEP_ROWS
+) -> list[float]:
     """The regressors of :meth:`CostModel.sweep_seconds`, in field order."""
     c, r = float(cols), float(max(rows, min_sweep_rows))
     return [1.0, c, r * c, r * c * c]

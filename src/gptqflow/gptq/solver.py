@@ -267,30 +267,55 @@ def _sweep(
     else:
         scale_t = torch.empty(grid.n_groups, rows, dtype=w_t.dtype, device=w_t.device)
         zp_t = torch.empty_like(scale_t)
-    diag = hinv.diagonal()
-    size = grid.dynamic_size
     for i1 in range(0, cols, args.block_size):
         i2 = min(i1 + args.block_size, cols)
-        err = torch.empty(i2 - i1, rows, dtype=w_t.dtype, device=w_t.device)
-        for j in range(i1, i2):
-            if size and j % size == 0:
-                current = _current_columns(w_t, err, hinv, i1, j, min(j + size, cols))
-                scale, zp = compute_qparams(current.T, args, scale_dtype=storage)
-                scale_t[j // size] = scale[:, 0]
-                zp_t[j // size] = zp[:, 0]
-            g = grid.sweep_groups[j]
-            w, scale_g, zp_g = w_t[j], scale_t[g], zp_t[g]
-            q = round_to_grid(w, scale_g, zp_g, args.qmin, args.qmax)
-            codes[j] = q
-            e = (w - (q - zp_g) * scale_g) / diag[j]
-            err[j - i1] = e
-            if j + 1 < i2:
-                # Explicit multiply then subtract (no fused kernel): each element is
-                # rounded the same way whatever the number of rows.
-                w_t[j + 1 : i2] -= hinv[j, j + 1 : i2, None] * e
+        # The per-column work is many small, memory-bound ops: threads add a
+        # barrier per op and stall badly when cores are shared, so it runs on one
+        # thread; the block's matmul below uses all of them.
+        with _single_threaded(w_t.device):
+            err = _sweep_block(w_t, hinv, grid, args, storage, i1, i2, codes, scale_t, zp_t)
         if i2 < cols:
             w_t[i2:] -= hinv[i1:i2, i2:].T @ err
     return codes, scale_t, zp_t
+
+
+def _sweep_block(
+    w_t: torch.Tensor,
+    hinv: torch.Tensor,
+    grid: _Grid,
+    args: QuantArgs,
+    storage: torch.dtype,
+    i1: int,
+    i2: int,
+    codes: torch.Tensor,
+    scale_t: torch.Tensor,
+    zp_t: torch.Tensor,
+) -> torch.Tensor:
+    """Quantize swept columns ``i1:i2`` one by one; return their scaled errors.
+
+    Writes ``codes`` (and ``scale_t``/``zp_t`` for groups starting here) and
+    propagates each column's error to the rest of the block.
+    """
+    cols, rows = w_t.shape
+    size = grid.dynamic_size
+    err = torch.empty(i2 - i1, rows, dtype=w_t.dtype, device=w_t.device)
+    for j in range(i1, i2):
+        if size and j % size == 0:
+            current = _current_columns(w_t, err, hinv, i1, j, min(j + size, cols))
+            scale, zp = compute_qparams(current.T, args, scale_dtype=storage)
+            scale_t[j // size] = scale[:, 0]
+            zp_t[j // size] = zp[:, 0]
+        g = grid.sweep_groups[j]
+        w, scale_g, zp_g = w_t[j], scale_t[g], zp_t[g]
+        q = round_to_grid(w, scale_g, zp_g, args.qmin, args.qmax)
+        codes[j] = q
+        e = (w - (q - zp_g) * scale_g) / hinv[j, j]
+        err[j - i1] = e
+        if j + 1 < i2:
+            # Explicit multiply then subtract (no fused kernel): each element is
+            # rounded the same way whatever the number of rows.
+            w_t[j + 1 : i2] -= hinv[j, j + 1 : i2, None] * e
+    return err
 
 
 def _current_columns(

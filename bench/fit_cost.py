@@ -1,0 +1,254 @@
+"""Fit the solve cost model (gptqflow.gptq.cost.CostModel) to timings on this machine.
+
+Measures, with one torch thread (one thread per rank is how the ranks run):
+* ``prepare_factor`` of cols × cols Hessians,
+* ``solve_rows`` (W4, group 128 (64 where 128 does not divide), float32) on row slices of several sizes,
+* a gloo all-reduce and broadcast between two spawned ranks (unless ``--no-comm``),
+takes the median of ``--reps`` runs of each shape, fits the constants by
+non-negative least squares in relative error, prints the fit quality and writes
+the JSON that ``CostModel.from_json`` reads.
+
+Run (about 1-2 minutes on a quiet 2-core machine):
+    python bench/fit_cost.py                       # writes src/gptqflow/gptq/cost_cpu.json
+    python bench/fit_cost.py --out my_cost.json --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from gptqflow.gptq.cost import (
+    DEFAULT_MIN_SWEEP_ROWS,
+    CostModel,
+    factor_features,
+    fit_nonnegative,
+    relative_errors,
+    sweep_features,
+)
+from gptqflow.gptq.solver import prepare_factor, solve_rows
+from gptqflow.gptq.types import QuantArgs
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/gptqflow/gptq/cost_cpu.json"
+COLS = (576, 1536, 2048, 4096, 8192)
+ROWS = (16, 128, 512, 1536)
+# The widest Hessian anchors the cols³ term (Llama-3-8B's down_proj has 14336 columns);
+# its sweep is timed on fewer row counts to keep the bench short.
+ROWS_WIDE = (16, 512)
+COMM_COLS = (576, 1536, 2048, 4096)  # Hessians of these widths, float64
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of ``reps`` calls.
+
+    A first call that takes under 0.2 s is a warm-up (allocator, kernel selection)
+    and such short shapes get three times as many runs: other processes on the
+    machine add noise that matters most to short timings, and they are cheap. A
+    longer first call counts as one of the runs.
+    """
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = [] if first < 0.2 else [first]
+    for _ in range(reps * 3 if first < 0.2 else reps - 1):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def once_seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call (for diagnostics that are not fitted)."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def spd_hessian(cols: int, gen: torch.Generator) -> torch.Tensor:
+    """A well-conditioned SPD matrix; factorisation time does not depend on the values."""
+    b = torch.randn(cols, 32, generator=gen)
+    h = b @ b.T / 32
+    h.diagonal().add_(1.0)
+    return h
+
+
+def measure_compute(
+    reps: int,
+) -> tuple[list[tuple[int, float]], list[tuple[int, int, float]], list[tuple[int, float]]]:
+    """(cols, factor s), (rows, cols, sweep s), (cols, cholesky-only s) medians."""
+    gen = torch.Generator().manual_seed(0)
+    factor_t, sweep_t, chol_t = [], [], []
+    for cols in COLS:
+        # SmolLM2's 576 is not a multiple of 128; the group size barely changes the cost.
+        args = QuantArgs(bits=4, group_size=128 if cols % 128 == 0 else 64)
+        h = spd_hessian(cols, gen)
+        f = median_seconds(partial(prepare_factor, h, args), reps)
+        c = once_seconds(partial(torch.linalg.cholesky, h))
+        factor_t.append((cols, f))
+        chol_t.append((cols, c))
+        factor = prepare_factor(h, args)
+        line = [f"cols {cols:5d}: factor {f:7.3f}s (cholesky alone {c:6.3f}s)"]
+        for rows in ROWS if cols < 8192 else ROWS_WIDE:
+            w = torch.randn(rows, cols, generator=gen)
+            s = median_seconds(partial(solve_rows, w, factor, args), reps)
+            sweep_t.append((rows, cols, s))
+            line.append(f"sweep[{rows}] {s:6.3f}s")
+        print("  ".join(line), flush=True)
+    return factor_t, sweep_t, chol_t
+
+
+def _comm_rank(rank: int, port: int, reps: int, out: str) -> None:
+    """One of two gloo ranks timing an all-reduce and a broadcast of Hessian-sized tensors."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from gptqflow.framework.distributed import DistContext
+
+    ctx = DistContext.from_environment(backend="gloo", device="cpu")
+    results = []
+    try:
+        for cols in COMM_COLS:
+            x = torch.ones(cols, cols, dtype=torch.float64)
+            for kind in ("allreduce", "broadcast"):
+                times = []
+                for _ in range(reps):
+                    ctx.barrier()
+                    t = time.perf_counter()
+                    if kind == "allreduce":
+                        _, h = ctx.all_reduce_sum(x.clone())
+                        h.wait()
+                    else:
+                        _, hs = ctx.broadcast_from(0, [x.clone()])
+                        for h in hs:
+                            h.wait()
+                    ctx.barrier()
+                    times.append(time.perf_counter() - t)
+                results.append((kind, x.numel() * 8, statistics.median(times)))
+    finally:
+        ctx.close()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def measure_comm(reps: int) -> list[tuple[str, int, float]]:
+    """(kind, bytes, seconds) for a 2-rank gloo all-reduce and broadcast on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "comm.json")
+        mp.start_processes(
+            _comm_rank, args=(port, reps, out), nprocs=2, join=True, start_method="spawn"
+        )
+        return [tuple(r) for r in json.loads(Path(out).read_text())]  # type: ignore[misc]
+
+
+def report(name: str, feats: list[list[float]], secs: list[float], theta: list[float]) -> float:
+    """Print per-sample relative errors; return the median."""
+    errs = relative_errors(feats, secs, theta)
+    med = statistics.median(errs)
+    print(f"{name}: median relative error {med:.1%}, max {max(errs):.1%} over {len(errs)} shapes")
+    return med
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON to write")
+    parser.add_argument("--reps", type=int, default=3, help="runs per shape (median taken)")
+    parser.add_argument("--no-comm", action="store_true", help="skip the 2-rank gloo timing")
+    parser.add_argument(
+        "--bytes-per-s", type=float, default=None, help="use this bandwidth instead of measuring"
+    )
+    parser.add_argument("--latency-s", type=float, default=None, help="with --bytes-per-s")
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+
+    factor_t, sweep_t, chol_t = measure_compute(opts.reps)
+    f_feats = [factor_features(c) for c, _ in factor_t]
+    f_secs = [s for _, s in factor_t]
+    f_theta = fit_nonnegative(f_feats, f_secs)
+    s_feats = [sweep_features(r, c, DEFAULT_MIN_SWEEP_ROWS) for r, c, _ in sweep_t]
+    s_secs = [s for _, _, s in sweep_t]
+    s_theta = fit_nonnegative(s_feats, s_secs)
+    f_err = report("factor", f_feats, f_secs, f_theta)
+    s_err = report("sweep ", s_feats, s_secs, s_theta)
+    for cols, c in chol_t:
+        f = dict(factor_t)[cols]
+        print(f"  cols {cols}: a lone Cholesky is {c / f:.0%} of prepare_factor")
+
+    comm: list[tuple[str, int, float]] = []
+    c_err: float | None = None
+    if opts.bytes_per_s is not None:
+        latency, bandwidth = opts.latency_s or 0.0, opts.bytes_per_s
+    elif opts.no_comm:
+        latency, bandwidth = 1e-4, 1e9
+        print("comm not measured: assuming 100 us latency and 1 GB/s")
+    else:
+        comm = measure_comm(opts.reps)
+        # Fitted to the all-reduces (two ranks: 2 latency steps + n bytes), which carry
+        # almost all of a plan's bytes (a Hessian is cols² float64; qparams ~1 byte/weight).
+        ar = [(n, s) for k, n, s in comm if k == "allreduce"]
+        c_feats = [[2.0, float(n)] for n, _ in ar]
+        c_secs = [s for _, s in ar]
+        c_theta = fit_nonnegative(c_feats, c_secs)
+        latency = c_theta[0]
+        bandwidth = 1.0 / c_theta[1] if c_theta[1] > 0 else 1e12
+        c_err = report("allreduce", c_feats, c_secs, c_theta)
+        bc = [(n, s) for k, n, s in comm if k == "broadcast"]
+        report(
+            "broadcast (same link)", [[1.0, float(n)] for n, _ in bc], [s for _, s in bc], c_theta
+        )
+        for k, n, s in comm:
+            print(f"  {k:9s} {n / 1e6:8.1f} MB  {s:.4f}s")
+
+    model = CostModel(
+        factor_overhead_s=f_theta[0],
+        factor_s_per_col2=f_theta[1],
+        factor_s_per_col3=f_theta[2],
+        sweep_overhead_s=s_theta[0],
+        sweep_s_per_col=s_theta[1],
+        sweep_s_per_row_col=s_theta[2],
+        sweep_s_per_row_col2=s_theta[3],
+        latency_s=latency,
+        bytes_per_s=bandwidth,
+        min_sweep_rows=DEFAULT_MIN_SWEEP_ROWS,
+        fitted_on=f"{platform.machine()} {platform.processor() or platform.system()}, "
+        f"torch {torch.__version__}, 1 thread, {os.cpu_count()} cores; bench/fit_cost.py",
+    )
+    data = model.to_dict()
+    data["fit"] = {
+        "median_relative_error": {"factor": f_err, "sweep": s_err, "comm": c_err},
+        "factor_seconds": factor_t,
+        "sweep_seconds": sweep_t,
+        "comm_seconds": comm,
+        "cholesky_only_seconds": chol_t,
+        "reps": opts.reps,
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = opts.out.with_name(f".{opts.out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, opts.out)
+    print(json.dumps(model.to_dict(), indent=2))
+    print(f"wrote {opts.out} in {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

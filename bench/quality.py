@@ -1,0 +1,480 @@
+"""Quality and speed of GPTQ vs round-to-nearest on SmolLM2-135M (float32), with a flop floor.
+
+Why: the issue's benchmark asks for perplexity of the float model, RTN and GPTQ at
+W4A16 and W3A16 (group 64), the wall seconds of every stage, the end-to-end
+quantization time and peak RSS, compared with a reference implementation and with
+the floating-point work the quantization cannot avoid. The runs go through the
+project's own recipes and Python API (``gptqflow.compose`` + ``gptqflow.run``), so
+the numbers are the ones a user gets.
+
+Each quantization runs in its own child process: peak RSS (the kernel's
+high-water mark) then belongs to that run alone, and a run never inherits another's
+allocator state or thread settings. The float baseline is evaluated once, by the
+evaluate stage placed before the layer loop in ``smollm2_w4a16`` during the GPTQ W4
+run; the other runs skip it. "Quantization seconds" is the runner's load -> save
+wall time minus the evaluate stages.
+
+Run (full size is slow on a 2-core CPU: 4 quantizations and 5 perplexity runs):
+    python bench/quality.py --threads 2 --json bench-quality.json
+    python bench/quality.py --quick --threads 1          # smoke run, ~1-2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flops import MatmulRate, count_flops, layer_shape, measure_matmul_rate
+
+GROUP_SIZE = 64
+# The issue's reference points (another widely used GPTQ implementation, same
+# model, data, scheme, calibration size, on the 2-core machine) and targets.
+REFERENCE = {
+    "float32": 26.37,
+    "RTN W4A16 g64": 36.77,
+    "GPTQ W4A16 g64": 32.25,
+    "GPTQ W4A16 g64 seconds": 190.0,
+}
+TARGET_PPL = 31.4
+TARGET_SECONDS = 130.0
+LOOP_STAGES = ("calibrate", "hessian-reduce", "solve", "broadcast")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One quantization run: which recipe, which overrides, whether it measures the baseline."""
+
+    slug: str
+    method: str
+    bits: int
+    recipe: str
+    overrides: tuple[str, ...]
+    baseline: bool = False
+
+
+# Run order: GPTQ W4 first, since it is the one run that keeps the baseline evaluate.
+METHODS = (
+    Method("gptq-w4", "GPTQ", 4, "smollm2_w4a16", (), baseline=True),
+    Method("rtn-w4", "RTN", 4, "rtn_w4a16", ("model=smollm2", f"scheme.group_size={GROUP_SIZE}")),
+    Method(
+        "rtn-w3",
+        "RTN",
+        3,
+        "rtn_w4a16",
+        ("model=smollm2", "scheme=w3a16", f"scheme.group_size={GROUP_SIZE}"),
+    ),
+    Method("gptq-w3", "GPTQ", 3, "smollm2_w4a16", ("scheme=w3a16",)),
+)
+TABLE_ORDER = ("rtn-w4", "gptq-w4", "rtn-w3", "gptq-w3")
+
+
+# ---------------------------------------------------------------------- child process
+def stage_kinds(stages: list[dict[str, Any]]) -> dict[str, str]:
+    """Report key -> stage name, keyed as the runner keys them (``evaluate#2`` when repeated)."""
+    seen: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for s in stages:
+        base = s.get("id") or s["stage"]
+        seen[base] = seen.get(base, 0) + 1
+        out[base if seen[base] == 1 else f"{base}#{seen[base]}"] = s["stage"]
+    return out
+
+
+def skip_baseline(stages: list[dict[str, Any]]) -> None:
+    """Turn off every evaluate stage before the layer loop (``max_tokens: 0`` skips it).
+
+    Done on the composed recipe rather than by a list-index override so that it
+    does not depend on where the recipe puts its baseline evaluate.
+    """
+    for s in stages:
+        if s["stage"] == "calibrate":
+            return
+        if s["stage"] == "evaluate":
+            s["max_tokens"] = 0
+
+
+def read_hwm_bytes() -> int:
+    """This process's peak RSS (``VmHWM``; the runner resets it per stage, so a lower bound)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def worker(spec_file: Path) -> None:
+    """Compose and run one recipe in this (child) process; write what the parent needs."""
+    import gptqflow
+
+    spec = json.loads(spec_file.read_text())
+    resolved = gptqflow.compose(spec["recipe"], spec["overrides"])
+    if spec["skip_baseline"]:
+        skip_baseline(resolved["stages"])
+    block = next(s.get("block_size", 128) for s in resolved["stages"] if s["stage"] == "solve")
+    start = time.perf_counter()
+    report = gptqflow.run(resolved)
+    wall = time.perf_counter() - start
+    result = {
+        "api_wall_s": wall,
+        "vm_hwm_bytes": read_hwm_bytes(),
+        "stage_kinds": stage_kinds(resolved["stages"]),
+        "block_size": block,
+        "report": report,
+    }
+    Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------- parent
+@dataclass
+class Row:
+    """One line of the table (seconds are wall seconds; RSS in MiB)."""
+
+    slug: str
+    method: str
+    bits: int | None
+    group: int | None
+    perplexity: float
+    quant_s: float | None
+    stages: dict[str, float]
+    eval_s: float
+    peak_rss_mib: float | None
+    quant_peak_rss_mib: float | None
+
+
+def run_child(m: Method, common: list[str], out: Path, threads: int) -> dict[str, Any]:
+    """Run ``m`` in a child process with ``threads`` OpenMP threads; return its result."""
+    run_dir = out / m.slug
+    spec = {
+        "recipe": m.recipe,
+        "overrides": [*m.overrides, *common, f"output_dir={run_dir}"],
+        "skip_baseline": not m.baseline,
+        "result": str(out / f"{m.slug}.result.json"),
+    }
+    spec_file = out / f"{m.slug}.spec.json"
+    spec_file.write_text(json.dumps(spec, indent=2))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_file = out / f"{m.slug}.log"
+    with log_file.open("w") as log:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", str(spec_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            check=False,
+        )
+    if proc.returncode != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-30:])
+        raise SystemExit(f"{m.slug} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def mib(n: float) -> float:
+    return n / 2**20
+
+
+def make_row(m: Method, res: dict[str, Any]) -> Row:
+    """Table row of a quantized model from its child's result."""
+    report, kinds = res["report"], res["stage_kinds"]
+    st = report["stages"]
+    evals = [k for k, kind in kinds.items() if kind == "evaluate"]
+    eval_s = sum(st[k]["seconds"] for k in evals if k in st)
+    peaks = [int(v["peak_rss_bytes"]) for v in st.values()]
+    peaks += [int(r["peak_rss_bytes"]) for r in report.get("ranks", [])]
+    peaks.append(int(res["vm_hwm_bytes"]))
+    quant_peaks = [int(v["peak_rss_bytes"]) for k, v in st.items() if k not in evals]
+    # The evaluate skipped with max_tokens 0 still has an entry; count only real evaluations.
+    eval_s_quantized = sum(st[k]["seconds"] for k in evals[-1:] if k in st)
+    return Row(
+        slug=m.slug,
+        method=m.method,
+        bits=m.bits,
+        group=int(report["group_size"]),
+        perplexity=float(report["perplexity"]["quantized"]),
+        quant_s=float(report["seconds"]) - eval_s,
+        stages={k: float(v["seconds"]) for k, v in st.items() if kinds.get(k) != "evaluate"},
+        eval_s=eval_s_quantized,
+        peak_rss_mib=mib(max(peaks)),
+        quant_peak_rss_mib=mib(max(quant_peaks)) if quant_peaks else None,
+    )
+
+
+def baseline_row(res: dict[str, Any]) -> Row:
+    """The float row, from the GPTQ W4 run's baseline evaluate (the first evaluate stage)."""
+    report, kinds = res["report"], res["stage_kinds"]
+    first_eval = next(k for k, kind in kinds.items() if kind == "evaluate")
+    return Row(
+        slug="float",
+        method="float32",
+        bits=None,
+        group=None,
+        perplexity=float(report["perplexity"]["baseline"]),
+        quant_s=None,
+        stages={},
+        eval_s=float(report["stages"][first_eval]["seconds"]),
+        peak_rss_mib=None,
+        quant_peak_rss_mib=None,
+    )
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def table(rows: list[Row], base: float) -> str:
+    """The Markdown results table."""
+    head = (
+        "| method | bits | group | perplexity | Δ vs float | quant s | calibrate s "
+        "| hessian-reduce s | solve s | broadcast s | load+partition+save s | eval s "
+        "| peak RSS MiB |"
+    )
+    lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
+    for r in rows:
+        delta = (
+            "—"
+            if r.bits is None
+            else f"{r.perplexity - base:+.2f} ({r.perplexity / base - 1:+.1%})"
+        )
+        other = sum(v for k, v in r.stages.items() if k not in LOOP_STAGES) if r.stages else None
+        loop = [r.stages.get(k) if r.stages else None for k in LOOP_STAGES]
+        lines.append(
+            f"| {r.method} | {fmt(r.bits, 'd')} | {fmt(r.group, 'd')} | {r.perplexity:.2f} | {delta} "
+            f"| {fmt(r.quant_s)} | {' | '.join(fmt(v, '.2f') for v in loop)} | {fmt(other, '.2f')} "
+            f"| {r.eval_s:.1f} | {fmt(r.peak_rss_mib, '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def floor_block(
+    model_dir: str, num_samples: int, seq_len: int, block: int, rate: MatmulRate, rows: list[Row]
+) -> tuple[str, dict[str, Any]]:
+    """The flop-floor section (Markdown) and its numbers for the JSON."""
+    shape = layer_shape(model_dir)
+    count = count_flops(shape, num_samples, seq_len, block=block)
+    g = rate.gflops
+    lines = [
+        f"Floor for GPTQ on {num_samples} × {seq_len} calibration tokens, {shape.layers} layers "
+        f"(hidden {shape.hidden}, intermediate {shape.intermediate}, {shape.heads}/{shape.kv_heads} "
+        f"heads × {shape.head_dim}), block size {block}:",
+        "",
+        "| component | GFLOP | seconds at the measured rate |",
+        "| --- | ---: | ---: |",
+    ]
+    for k, v in count.parts.items():
+        lines.append(f"| {k} | {v / 1e9:.1f} | {v / 1e9 / g:.2f} |")
+    lines.append(f"| **total** | **{count.total / 1e9:.1f}** | **{count.total / 1e9 / g:.2f}** |")
+    lines += [
+        "",
+        f"Measured float32 `torch.mm` rate, {rate.threads} thread(s) (median of "
+        f"{len(next(iter(rate.per_shape.values())))} timings per shape):",
+        "",
+        "| shape | GFLOP/s |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {k} | {rate.shape_median(k):.1f} |" for k in rate.per_shape]
+    lines.append(f"| **median over shapes** | **{g:.1f}** |")
+    floor_s = count.total / 1e9 / g
+    cal_floor, solve_floor = count.calibration() / 1e9 / g, count.solve() / 1e9 / g
+    lines += [
+        "",
+        f"Total {count.total / 1e9:.1f} GFLOP / {g:.1f} GFLOP/s = **floor {floor_s:.1f} s** "
+        f"(calibration {cal_floor:.1f} s, solve {solve_floor:.1f} s).",
+        "",
+    ]
+    ratios: dict[str, Any] = {}
+    for r in rows:
+        if r.method != "GPTQ" or r.quant_s is None:
+            continue
+        cal = r.stages.get("calibrate", 0.0) + r.stages.get("hessian-reduce", 0.0)
+        sol = r.stages.get("solve", 0.0)
+        ratios[r.slug] = {
+            "quant_s": r.quant_s,
+            "ratio": r.quant_s / floor_s,
+            "calibrate_ratio": cal / cal_floor,
+            "solve_ratio": sol / solve_floor,
+        }
+        lines.append(
+            f"- GPTQ W{r.bits}: quantization {r.quant_s:.1f} s = **{r.quant_s / floor_s:.2f} × floor**; "
+            f"calibrate+hessian-reduce {cal:.1f} s = {cal / cal_floor:.2f} × its floor, "
+            f"solve {sol:.1f} s = {sol / solve_floor:.2f} × its floor."
+        )
+    data = {
+        "gflop": {k: v / 1e9 for k, v in count.parts.items()},
+        "total_gflop": count.total / 1e9,
+        "rate_gflops": g,
+        "rate_per_shape": {k: rate.shape_median(k) for k in rate.per_shape},
+        "rate_samples": rate.per_shape,
+        "floor_s": floor_s,
+        "calibration_floor_s": cal_floor,
+        "solve_floor_s": solve_floor,
+        "ratios": ratios,
+    }
+    return "\n".join(lines), data
+
+
+def reference_block() -> str:
+    return "\n".join(
+        [
+            "Reference points (issue 2; another GPTQ implementation on the 2-core machine): "
+            f"float32 {REFERENCE['float32']}; RTN W4A16 g64 {REFERENCE['RTN W4A16 g64']}; "
+            f"GPTQ W4A16 g64 {REFERENCE['GPTQ W4A16 g64']} in ~{REFERENCE['GPTQ W4A16 g64 seconds']:.0f} s.",
+            f"Targets: GPTQ W4A16 g64 perplexity ≤ {TARGET_PPL} and quantization ≤ "
+            f"{TARGET_SECONDS:.0f} s (2 threads).",
+        ]
+    )
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Perplexity, stage seconds and peak RSS of float / RTN / GPTQ (W4, W3, group "
+        f"{GROUP_SIZE}) on SmolLM2-135M, plus the flop floor of the quantization.",
+    )
+    p.add_argument(
+        "--threads", type=int, default=default_threads(), help="torch threads (default: all cores)"
+    )
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="calibration sequences (default 64; 8 with --quick)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per calibration sequence and eval window (default 512; 128 with --quick)",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=None,
+        help="perplexity tokens (default 40960; 2048 with --quick)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for the run directories (default: a temporary directory, removed at the end)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
+    p.add_argument(
+        "--matmul-reps",
+        type=int,
+        default=None,
+        help="timings per matmul shape, before and after the runs (default 7; 3 with --quick)",
+    )
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    q = a.quick
+    a.num_samples = a.num_samples or (8 if q else 64)
+    a.seq_len = a.seq_len or (128 if q else 512)
+    a.eval_tokens = a.eval_tokens if a.eval_tokens is not None else (2048 if q else 40960)
+    a.matmul_reps = a.matmul_reps or (3 if q else 7)
+    if a.threads < 1 or a.num_samples < 1 or a.seq_len < 2 or a.eval_tokens < a.seq_len:
+        p.error(
+            "need --threads >= 1, --num-samples >= 1, --seq-len >= 2, --eval-tokens >= --seq-len"
+        )
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.worker is not None:
+        worker(a.worker)
+        return
+    own_tmp = a.out is None
+    out = Path(tempfile.mkdtemp(prefix="gptqflow-quality-")) if own_tmp else a.out
+    out.mkdir(parents=True, exist_ok=True)
+    common = [
+        f"dataset.num_samples={a.num_samples}",
+        f"dataset.seq_len={a.seq_len}",
+        f"dataset.eval_tokens={a.eval_tokens}",
+        f"runtime.num_threads={a.threads}",
+        "runtime.progress=false",
+        "overwrite=true",
+    ]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"run directories: {out}; {a.threads} thread(s)")
+    rate = measure_matmul_rate(a.threads, reps=a.matmul_reps)
+    log(f"matmul rate before the runs: {rate.gflops:.1f} GFLOP/s")
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for i, m in enumerate(METHODS, 1):
+            t = time.perf_counter()
+            results[m.slug] = res = run_child(m, common, out, a.threads)
+            r = res["report"]
+            log(
+                f"[{i}/{len(METHODS)}] {m.method} W{m.bits}: ppl {r['perplexity']['quantized']:.3f} "
+                f"in {time.perf_counter() - t:.1f} s"
+            )
+        after = measure_matmul_rate(a.threads, reps=a.matmul_reps)
+        log(f"matmul rate after the runs: {after.gflops:.1f} GFLOP/s")
+        rate.merge(after)
+    finally:
+        if own_tmp:
+            shutil.rmtree(out, ignore_errors=True)
+
+    by_slug = {m.slug: m for m in METHODS}
+    base = baseline_row(results["gptq-w4"])
+    rows = [base] + [make_row(by_slug[s], results[s]) for s in TABLE_ORDER]
+    gptq = results["gptq-w4"]
+    floor_md, floor_data = floor_block(
+        gptq["report"]["model"], a.num_samples, a.seq_len, int(gptq["block_size"]), rate, rows
+    )
+    header = (
+        f"SmolLM2-135M-Instruct, float32, group {GROUP_SIZE}; calibration {a.num_samples} × "
+        f"{a.seq_len} tokens (wikitext2-valid), perplexity on the first {a.eval_tokens} tokens of "
+        f"wikitext2-test in windows of {a.seq_len}; {a.threads} torch thread(s); "
+        f"torch {torch.__version__}, {platform.machine()}, {default_threads()} cores visible."
+    )
+    print(f"## Quality and speed\n\n{header}\n\n{table(rows, base.perplexity)}\n")
+    print(
+        "quant s = load → save wall seconds without the evaluate stages; eval s = one perplexity "
+        "run; peak RSS = the child process's high-water mark over the whole run.\n"
+    )
+    print(f"## Floating-point floor\n\n{floor_md}\n")
+    print(reference_block())
+    if a.json is not None:
+        doc = {
+            "settings": {
+                "threads": a.threads,
+                "num_samples": a.num_samples,
+                "seq_len": a.seq_len,
+                "eval_tokens": a.eval_tokens,
+                "group_size": GROUP_SIZE,
+                "torch": torch.__version__,
+                "cores_visible": default_threads(),
+                "python": platform.python_version(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            "rows": [asdict(r) for r in rows],
+            "floor": floor_data,
+            "reference": REFERENCE,
+            "runs": results,
+        }
+        a.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""``gptqflow plan``: predict how a model's GPTQ solve spreads over ranks, without hardware.
+
+Ownership planning is a pure function of module shapes, the cost model and the world
+size (:mod:`gptqflow.gptq.plan`), so a model that does not fit this machine can still be
+planned at 512 ranks: its transformers config is built on the meta device (shapes only,
+no weights), the Linear modules of each decoder layer are grouped by the input they
+read, and every group is planned at each world size with our cost-based planner and
+with the column-count balancer that llm-compressor uses.
+
+``plan_report(config, world_sizes, cost_model)`` returns a :class:`PlanReport` with
+the printable table (``.text``) and the same numbers as a JSON-ready dict (``.data``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptqflow.framework.errors import GptqflowError
+from gptqflow.gptq.cost import CostModel
+from gptqflow.gptq.plan import GroupShape, LayerPrediction, Planner, layer_prediction
+
+__all__ = [
+    "DEFAULT_WORLD_SIZES",
+    "PlanReport",
+    "layer_groups",
+    "load_cost_model",
+    "parse_world_sizes",
+    "plan_report",
+]
+
+DEFAULT_WORLD_SIZES = (2, 4, 8, 64, 512)
+
+# Linear modules (by attribute name) that read the same input tensor and so share one
+# Hessian. The pipeline finds groups by tracing a forward (stages/calibrate.py); without
+# weights we cannot run one, so the Llama-family layout is written down here. A
+# Linear not listed forms a group of its own, which is always a valid (if pessimistic)
+# plan.
+SHARED_INPUT = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+)
+
+_PLANNERS: tuple[Planner, ...] = ("cost", "columns")
+_PLANNER_NAMES = {"cost": "ours", "columns": "columns", "even": "even"}
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """A printable plan table (``text``) and the same numbers for JSON (``data``)."""
+
+    text: str
+    data: dict[str, Any]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# ---------------------------------------------------------------------- inputs
+def parse_world_sizes(text: str) -> tuple[int, ...]:
+    """``"2,4,8"`` -> ``(2, 4, 8)``; a user error names the bad item."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit() or int(item) < 1:
+            raise GptqflowError(
+                f"--world-sizes: {item!r} is not a positive integer; give e.g. 2,4,8"
+            )
+        out.append(int(item))
+    if not out:
+        raise GptqflowError("--world-sizes: no world size given; give e.g. 2,4,8")
+    return tuple(out)
+
+
+def load_cost_model(source: CostModel | str | Path | None = None) -> CostModel:
+    """The bundled CPU fit (``None``), a cost model, or one read from a JSON file."""
+    if source is None:
+        return CostModel.default()
+    if isinstance(source, CostModel):
+        return source
+    path = Path(source)
+    try:
+        return CostModel.from_json(path.read_text())
+    except OSError as exc:
+        raise GptqflowError(
+            f"cannot read cost model {path}: {exc.strerror}; write one with bench/fit_cost.py"
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise GptqflowError(
+            f"{path} is not a valid cost model ({exc}); write one with bench/fit_cost.py"
+        ) from exc
+
+
+def _load_config(source: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
+    """A transformers config from a JSON file, a model directory, or a dict; plus a label."""
+    from transformers import AutoConfig
+
+    if isinstance(source, Mapping):
+        data = dict(source)
+        if "model_type" not in data:
+            raise GptqflowError("config dict has no 'model_type'; e.g. 'llama'")
+        return AutoConfig.for_model(**data), str(data.get("_name_or_path") or data["model_type"])
+    path = Path(source)
+    if not path.exists():
+        raise GptqflowError(f"config {path} does not exist; give a config.json or a model dir")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise GptqflowError(f"cannot read a transformers config from {path}: {exc}") from exc
+    # A model directory's config.json is named after its directory.
+    label = path.parent.name if path.is_file() and path.name == "config.json" else path.stem
+    return config, label if path.is_file() else path.name
+
+
+def _decoder_layers(model: nn.Module, n: int) -> nn.ModuleList:
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n and n:
+            return mod
+    raise GptqflowError(
+        f"no ModuleList of num_hidden_layers={n} layers in {type(model).__name__}; "
+        "only decoder-layer causal LMs can be planned"
+    )
+
+
+def _group_linears(layer: nn.Module) -> list[GroupShape]:
+    """The layer's Linear modules, in forward order, grouped by the input they share."""
+    role = {name: i for i, names in enumerate(SHARED_INPUT) for name in names}
+    groups: list[tuple[list[str], list[int], int, object]] = []
+    for name, mod in layer.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        key = (parent, role[leaf]) if leaf in role else None
+        last = groups[-1] if groups else None
+        if key is not None and last is not None and last[3] == key and last[2] == mod.in_features:
+            last[0].append(name)
+            last[1].append(mod.out_features)
+        else:
+            groups.append(([name], [mod.out_features], mod.in_features, key))
+    return [GroupShape(tuple(n), tuple(r), c) for n, r, c, _ in groups]
+
+
+def layer_groups(
+    config: str | Path | Mapping[str, Any],
+) -> tuple[str, list[tuple[list[GroupShape], int]]]:
+    """The model's label and its distinct decoder-layer shapes, each with its layer count.
+
+    The model is built on the meta device from the config, so the shapes are exactly
+    what transformers builds (head_dim, kv heads, biases), and nothing is allocated.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg, label = _load_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    layers = _decoder_layers(model, int(getattr(cfg, "num_hidden_layers", 0) or 0))
+    kinds: dict[tuple[GroupShape, ...], int] = {}
+    for layer in layers:
+        key = tuple(_group_linears(layer))
+        kinds[key] = kinds.get(key, 0) + 1
+    if not any(kinds):
+        raise GptqflowError(f"{label}: the decoder layers have no Linear modules to quantize")
+    return label, [(list(k), n) for k, n in kinds.items()]
+
+
+# ---------------------------------------------------------------------- the report
+def plan_report(
+    config: str | Path | Mapping[str, Any],
+    world_sizes: Sequence[int] = DEFAULT_WORLD_SIZES,
+    cost_model: CostModel | str | Path | None = None,
+    *,
+    group_size: int = 128,
+    scale_bytes: int = 2,
+) -> PlanReport:
+    """Predict the solve of every layer kind at each world size, for both planners.
+
+    ``config``: a transformers config.json, a model directory or a config dict.
+    ``cost_model``: a :class:`CostModel`, a JSON file from ``bench/fit_cost.py``, or
+    ``None`` for the bundled CPU fit. ``group_size`` and ``scale_bytes`` (bf16 = 2)
+    only change the qparam bytes. Raises :class:`GptqflowError` for bad inputs.
+    """
+    if not world_sizes or any(int(w) < 1 for w in world_sizes):
+        raise GptqflowError(f"world sizes must be positive integers, got {list(world_sizes)}")
+    cost = load_cost_model(cost_model)
+    label, kinds = layer_groups(config)
+    data: dict[str, Any] = {
+        "model": label,
+        "num_layers": sum(n for _, n in kinds),
+        "group_size": group_size,
+        "cost_model": cost.to_dict(),
+        "layer_kinds": [],
+    }
+    lines = [f"== {label}: {data['num_layers']} decoder layers; cost model: {cost.fitted_on}"]
+    for groups, count in kinds:
+        kind, text = _layer_kind(groups, count, world_sizes, cost, group_size, scale_bytes)
+        data["layer_kinds"].append(kind)
+        lines += text
+    return PlanReport("\n".join(lines), data)
+
+
+def _layer_kind(
+    groups: list[GroupShape],
+    count: int,
+    world_sizes: Sequence[int],
+    cost: CostModel,
+    group_size: int,
+    scale_bytes: int,
+) -> tuple[dict[str, Any], list[str]]:
+    preds: dict[tuple[Planner, int], LayerPrediction] = {}
+    for w in world_sizes:
+        for p in _PLANNERS:
+            preds[(p, int(w))] = layer_prediction(
+                groups, int(w), cost, p, group_size=group_size, scale_bytes=scale_bytes
+            )
+    one = layer_prediction(groups, 1, cost, "cost", group_size=group_size, scale_bytes=scale_bytes)
+    factor = sum(g.factor_seconds for g in one.groups)
+    shapes = ", ".join(
+        f"{'+'.join(_leaf(n) for n in g.names)} {sum(g.rows)}x{g.cols}" for g in groups
+    )
+    lines = [
+        f"layer kind x{count}: {shapes}",
+        f"  1 rank: {one.seconds:.1f} s/layer solve (factorisations {factor:.1f} s = "
+        f"{factor / one.seconds:.0%}); model {one.seconds * count / 3600:.2f} h",
+        "",
+        "  planner  ranks  s/layer  mean busy  imbalance  speedup  +comm s  speedup+comm"
+        "  Hessian MB  qparam MB",
+    ]
+    for w in world_sizes:
+        for p in _PLANNERS:
+            r = preds[(p, int(w))]
+            lines.append(
+                f"  {_PLANNER_NAMES[p]:7s}  {w:5d}  {r.seconds:7.2f}  {r.mean_seconds:9.2f}"
+                f"  {r.imbalance:9.3f}  {r.speedup:6.2f}x  {r.comm_seconds:7.2f}"
+                f"  {r.speedup_with_comm:11.2f}x  {r.hessian_bytes / 1e6:10.0f}"
+                f"  {r.qparam_bytes / 1e6:9.1f}"
+            )
+    lines += ["", "  per group (ours): ranks used / slowest rank s"]
+    header = "  group                  rows   cols  1 rank s  factor s"
+    lines.append(header + "".join(f"  {'W=' + str(w):>13s}" for w in world_sizes))
+    for i, g in enumerate(one.groups):
+        cells = "".join(
+            f"  {preds[('cost', int(w))].groups[i].ranks:4d} /{preds[('cost', int(w))].groups[i].seconds:7.2f}"
+            for w in world_sizes
+        )
+        name = "+".join(_leaf(n) for n in g.names)
+        lines.append(
+            f"  {name:20s} {g.rows:6d} {g.cols:6d}  {g.single_rank_seconds:8.2f}  {g.factor_seconds:8.2f}{cells}"
+        )
+    lines.append("")
+    kind = {
+        "count": count,
+        "groups": [{"names": list(g.names), "rows": list(g.rows), "cols": g.cols} for g in groups],
+        "single_rank_seconds": one.seconds,
+        "factor_seconds": factor,
+        "predictions": [_prediction_dict(r) for r in preds.values()],
+    }
+    return kind, lines
+
+
+def _leaf(name: str) -> str:
+    return name.rpartition(".")[2]
+
+
+def _prediction_dict(r: LayerPrediction) -> dict[str, Any]:
+    return {
+        "planner": r.planner,
+        "world_size": r.world_size,
+        "seconds": r.seconds,
+        "mean_seconds": r.mean_seconds,
+        "max_rank_seconds": max(r.rank_seconds),
+        "min_rank_seconds": min(r.rank_seconds),
+        "imbalance": r.imbalance,
+        "speedup": r.speedup,
+        "comm_seconds": r.comm_seconds,
+        "speedup_with_comm": r.speedup_with_comm,
+        "hessian_bytes": r.hessian_bytes,
+        "qparam_bytes": r.qparam_bytes,
+        "groups": [
+            {"names": list(g.names), "ranks": g.ranks, "seconds": g.seconds} for g in r.groups
+        ],
+    }
