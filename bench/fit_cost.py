@@ -4,11 +4,12 @@ Measures, with one torch thread (one thread per rank is how the ranks run):
 * ``prepare_factor`` of cols × cols Hessians,
 * ``solve_rows`` (W4, group 128 (64 where 128 does not divide), float32) on row slices of several sizes,
 * a gloo all-reduce and broadcast between two spawned ranks (unless ``--no-comm``),
-takes the median of ``--reps`` runs of each shape, fits the constants by
+takes the median of ``--reps`` runs of each shape (process CPU time by default, so
+that other processes on a shared machine do not inflate the constants), fits the constants by
 non-negative least squares in relative error, prints the fit quality and writes
 the JSON that ``CostModel.from_json`` reads.
 
-Run (about 1-2 minutes on a quiet 2-core machine):
+Run (about 1-2 minutes on a quiet 2-core machine, more on a busy one):
     python bench/fit_cost.py                       # writes src/gptqflow/gptq/cost_cpu.json
     python bench/fit_cost.py --out my_cost.json --reps 5
 """
@@ -24,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -43,37 +45,49 @@ from gptqflow.gptq.types import QuantArgs
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/gptqflow/gptq/cost_cpu.json"
 COLS = (576, 1536, 2048, 4096, 8192)
-ROWS = (16, 128, 512, 1536)
+# Up to 4096 rows: slices that big no longer fit in cache, and real slices are bigger
+# still (Llama-3-8B's gate+up group has 28672 rows).
+ROWS = (16, 512, 1536, 4096)
 # The widest Hessian anchors the cols³ term (Llama-3-8B's down_proj has 14336 columns);
 # its sweep is timed on fewer row counts to keep the bench short.
-ROWS_WIDE = (16, 512)
+ROWS_WIDE = (16, 2048)
 COMM_COLS = (576, 1536, 2048, 4096)  # Hessians of these widths, float64
 
 
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of ``reps`` calls.
+@dataclass
+class Clock:
+    """Which clock the compute timings use, and how much wall time they lost to others.
 
-    A first call that takes under 0.2 s is a warm-up (allocator, kernel selection)
-    and such short shapes get three times as many runs: other processes on the
-    machine add noise that matters most to short timings, and they are cheap. A
-    longer first call counts as one of the runs.
+    ``cpu`` (the default) is this process's CPU time. With one torch thread the work
+    runs on one core, so CPU time equals the wall time the rank would take on a quiet
+    core, while wall time also counts the time other processes on a shared machine
+    hold the core. ``wall`` is for a machine the bench has to itself.
     """
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    times = [] if first < 0.2 else [first]
-    for _ in range(reps * 3 if first < 0.2 else reps - 1):
-        t = time.perf_counter()
+
+    kind: str = "cpu"
+    cpu_total: float = 0.0
+    wall_total: float = 0.0
+
+    def time(self, fn: Callable[[], object]) -> float:
+        c, w = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        cpu, wall = time.process_time() - c, time.perf_counter() - w
+        self.cpu_total += cpu
+        self.wall_total += wall
+        return cpu if self.kind == "cpu" else wall
 
+    def median(self, fn: Callable[[], object], reps: int) -> float:
+        """Median time of ``reps`` calls.
 
-def once_seconds(fn: Callable[[], object]) -> float:
-    """Wall time of one call (for diagnostics that are not fitted)."""
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+        A first call that takes under 0.2 s is a warm-up (allocator, kernel selection)
+        and such short shapes get three times as many runs (they are cheap, and noise
+        matters most to them). A longer first call counts as one of the runs.
+        """
+        first = self.time(fn)
+        times = [] if first < 0.2 else [first]
+        for _ in range(reps * 3 if first < 0.2 else reps - 1):
+            times.append(self.time(fn))
+        return statistics.median(times)
 
 
 def spd_hessian(cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -85,7 +99,7 @@ def spd_hessian(cols: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def measure_compute(
-    reps: int,
+    reps: int, clock: Clock
 ) -> tuple[list[tuple[int, float]], list[tuple[int, int, float]], list[tuple[int, float]]]:
     """(cols, factor s), (rows, cols, sweep s), (cols, cholesky-only s) medians."""
     gen = torch.Generator().manual_seed(0)
@@ -94,15 +108,15 @@ def measure_compute(
         # SmolLM2's 576 is not a multiple of 128; the group size barely changes the cost.
         args = QuantArgs(bits=4, group_size=128 if cols % 128 == 0 else 64)
         h = spd_hessian(cols, gen)
-        f = median_seconds(partial(prepare_factor, h, args), reps)
-        c = once_seconds(partial(torch.linalg.cholesky, h))
+        f = clock.median(partial(prepare_factor, h, args), reps)
+        c = clock.time(partial(torch.linalg.cholesky, h))
         factor_t.append((cols, f))
         chol_t.append((cols, c))
         factor = prepare_factor(h, args)
         line = [f"cols {cols:5d}: factor {f:7.3f}s (cholesky alone {c:6.3f}s)"]
         for rows in ROWS if cols < 8192 else ROWS_WIDE:
             w = torch.randn(rows, cols, generator=gen)
-            s = median_seconds(partial(solve_rows, w, factor, args), reps)
+            s = clock.median(partial(solve_rows, w, factor, args), reps)
             sweep_t.append((rows, cols, s))
             line.append(f"sweep[{rows}] {s:6.3f}s")
         print("  ".join(line), flush=True)
@@ -172,6 +186,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON to write")
     parser.add_argument("--reps", type=int, default=3, help="runs per shape (median taken)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="time compute by process CPU time (robust on a shared machine) or wall time",
+    )
     parser.add_argument("--no-comm", action="store_true", help="skip the 2-rank gloo timing")
     parser.add_argument(
         "--bytes-per-s", type=float, default=None, help="use this bandwidth instead of measuring"
@@ -181,7 +201,13 @@ def main() -> None:
     torch.set_num_threads(1)
     start = time.perf_counter()
 
-    factor_t, sweep_t, chol_t = measure_compute(opts.reps)
+    clock = Clock(opts.clock)
+    factor_t, sweep_t, chol_t = measure_compute(opts.reps, clock)
+    print(
+        f"compute: {clock.cpu_total:.0f} s CPU in {clock.wall_total:.0f} s wall "
+        f"(x{clock.wall_total / max(clock.cpu_total, 1e-9):.2f}: >1 means other processes "
+        f"shared the core; fitted on {opts.clock} time)"
+    )
     f_feats = [factor_features(c) for c, _ in factor_t]
     f_secs = [s for _, s in factor_t]
     f_theta = fit_nonnegative(f_feats, f_secs)
@@ -231,7 +257,8 @@ def main() -> None:
         bytes_per_s=bandwidth,
         min_sweep_rows=DEFAULT_MIN_SWEEP_ROWS,
         fitted_on=f"{platform.machine()} {platform.processor() or platform.system()}, "
-        f"torch {torch.__version__}, 1 thread, {os.cpu_count()} cores; bench/fit_cost.py",
+        f"torch {torch.__version__}, 1 thread, {os.cpu_count()} cores, {opts.clock} time; "
+        "bench/fit_cost.py",
     )
     data = model.to_dict()
     data["fit"] = {
@@ -241,6 +268,8 @@ def main() -> None:
         "comm_seconds": comm,
         "cholesky_only_seconds": chol_t,
         "reps": opts.reps,
+        "clock": opts.clock,
+        "wall_over_cpu": clock.wall_total / max(clock.cpu_total, 1e-9),
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = opts.out.with_name(f".{opts.out.name}.tmp")

@@ -39,9 +39,7 @@ Hydra's own flags also work: --cfg job (print the composed recipe), --info.
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="[rank0] %(levelname)s %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
 
 def cmd_run(argv: list[str]) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -57,5 +56,4 @@ def run_recipe(config: Any, overrides: list[str], config_dir: str | None) -> dic
             "gptqflow.run() runs in this process (one rank); for runtime.nproc_per_node > 1 "
             "use the `gptqflow run` command, which starts the ranks"
         )
-    logging.getLogger("gptqflow").setLevel(logging.INFO)
     return execute(resolved)

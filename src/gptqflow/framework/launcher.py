@@ -135,7 +135,6 @@ def launch_workers(recipe_file: Path, nproc: int) -> None:
     args = [
         "--standalone",
         f"--nproc-per-node={nproc}",
-        "--local-ranks-filter=0",
         "-m",
         "gptqflow",
         "_worker",
@@ -175,7 +174,7 @@ def _is_peer_loss(exc: BaseException) -> bool:
     )
 
 
-def run_rank(fn: Callable[[], None]) -> int:
+def run_rank(fn: Callable[[], object]) -> int:
     """Run one rank's work; on failure print one line naming this rank and the cause, return 1.
 
     A user error (GptqflowError) is printed as is. A failed collective means another

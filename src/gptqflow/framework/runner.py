@@ -27,6 +27,7 @@ import yaml
 
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
+from gptqflow.framework.logs import configure_logging
 from gptqflow.framework.registry import Stage, build_stage
 from gptqflow.framework.schema import LAYER_LOOP, Recipe
 from gptqflow.framework.state import GroupStep, PipelineState
@@ -106,6 +107,7 @@ class Runner:
         ctx.check_same(
             "the resolved recipe", json.dumps(self.resolved, sort_keys=True, default=str)
         )
+        configure_logging(ctx.rank, self.output_dir)
         if ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(self.output_dir / "recipe.yaml", _recipe_yaml(self.resolved))

@@ -67,7 +67,7 @@ class SolveStage(Stage):
             for s in mine:
                 w = step.modules[s.module].weight.data[s.start : s.stop]
                 if factor is None:
-                    res = rtn_quantize(w, args)
+                    res = rtn_quantize(w, args, hessian=h if self.config.report_loss else None)
                 else:
                     res = solve_rows(
                         w, factor, args, hessian=h if self.config.report_loss else None
