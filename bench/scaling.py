@@ -33,10 +33,20 @@ COMM = ("hessian-reduce", "broadcast")
 def run(name: str, out: Path, world: int, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     """One `gptqflow run` in a fresh process; returns its report."""
     cmd = [
-        sys.executable, "-m", "gptqflow", "run", "--config-name", args.recipe,
-        f"output_dir={out}", f"runtime.nproc_per_node={world}", f"runtime.num_threads={threads}",
-        f"dataset.num_samples={args.num_samples}", f"dataset.seq_len={args.seq_len}",
-        f"dataset.eval_tokens={args.eval_tokens}", "runtime.progress=false", "overwrite=true",
+        sys.executable,
+        "-m",
+        "gptqflow",
+        "run",
+        "--config-name",
+        args.recipe,
+        f"output_dir={out}",
+        f"runtime.nproc_per_node={world}",
+        f"runtime.num_threads={threads}",
+        f"dataset.num_samples={args.num_samples}",
+        f"dataset.seq_len={args.seq_len}",
+        f"dataset.eval_tokens={args.eval_tokens}",
+        "runtime.progress=false",
+        "overwrite=true",
         *args.overrides,
     ]
     if args.model:
@@ -70,8 +80,16 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
     stages = [s for s in base["stages"] if s not in ("evaluate", "evaluate#2")]
     for s in [*stages, "evaluate", "evaluate#2"]:
         if all(s in r["stages"] for r in reports.values()):
-            lines.append(f"| {s} | " + " | ".join(f"{r['stages'][s]['seconds']:.1f}" for r in reports.values()) + " |")
-    lines.append("| **layer loop** | " + " | ".join(f"{loop_seconds(r):.1f}" for r in reports.values()) + " |")
+            lines.append(
+                f"| {s} | "
+                + " | ".join(f"{r['stages'][s]['seconds']:.1f}" for r in reports.values())
+                + " |"
+            )
+    lines.append(
+        "| **layer loop** | "
+        + " | ".join(f"{loop_seconds(r):.1f}" for r in reports.values())
+        + " |"
+    )
     lines.append("| total | " + " | ".join(f"{r['seconds']:.1f}" for r in reports.values()) + " |")
     out = ["\n".join(lines), ""]
     for name, r in reports.items():
@@ -79,7 +97,11 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
         comm = sum(r["stages"][s]["seconds"] for s in COMM)
         imb = [layer["imbalance"] for layer in r["layers"]]
         busy = [
-            {s: round(rk["stages"][s]["seconds"], 1) for s in ("calibrate", "solve") if s in rk["stages"]}
+            {
+                s: round(rk["stages"][s]["seconds"], 1)
+                for s in ("calibrate", "solve")
+                if s in rk["stages"]
+            }
             for rk in r["ranks"]
         ]
         agree = agreement(dirs["1 rank x 1 thread"] / "checkpoint", dirs[name] / "checkpoint")
@@ -96,13 +118,20 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--recipe", default="smollm2_w4a16")
     p.add_argument("--model", help="model dir (default: the recipe's)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=0, help="0: skip perplexity")
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="threads of the single-process baseline")
+    p.add_argument(
+        "--cores",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="threads of the single-process baseline",
+    )
     p.add_argument("--out", type=Path, help="keep run directories here")
     p.add_argument("--json", type=Path, help="write the reports here")
     p.add_argument("overrides", nargs="*", help="extra recipe overrides")
