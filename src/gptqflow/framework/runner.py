@@ -128,6 +128,8 @@ class Runner:
             report = self._report(state, time.perf_counter() - start, error)
             if ctx.is_main:
                 _write_atomic(self.output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        if ctx.is_main:
+            print(format_summary(report), flush=True)
         return report
 
     def _run_stages(self, state: PipelineState) -> None:
@@ -226,6 +228,23 @@ class Runner:
             "torch_threads": torch.get_num_threads(),
         }
         return report
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The few lines a user reads at the end of a run."""
+    ppl = report["perplexity"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    stages = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items())
+    peak = max((r["peak_rss_bytes"] for r in report["ranks"]), default=0) / 2**30
+    return "\n".join(
+        [
+            f"gptqflow: {report['scheme']} on {report['world_size']} rank(s) in {report['seconds']:.1f}s",
+            f"  checkpoint:  {report['checkpoint'] or '(not saved)'}",
+            f"  perplexity:  baseline {fmt(ppl['baseline'])} -> quantized {fmt(ppl['quantized'])}",
+            f"  stages:      {stages}",
+            f"  peak memory: {peak:.2f} GiB (largest rank)",
+        ]
+    )
 
 
 def _error_text(error: BaseException) -> str:
