@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 from gptqflow.gptq.cost import (
     DEFAULT_MIN_SWEEP_ROWS,
     CostModel,
+    comm_features,
     factor_features,
     fit_nonnegative,
     relative_errors,
@@ -45,13 +46,20 @@ from gptqflow.gptq.types import QuantArgs
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src/gptqflow/gptq/cost_cpu.json"
 COLS = (576, 1536, 2048, 4096, 8192)
-# Up to 4096 rows: slices that big no longer fit in cache, and real slices are bigger
-# still (Llama-3-8B's gate+up group has 28672 rows).
-ROWS = (16, 512, 1536, 4096)
-# The widest Hessian anchors the cols³ term (Llama-3-8B's down_proj has 14336 columns);
-# its sweep is timed on fewer row counts to keep the bench short.
-ROWS_WIDE = (16, 2048)
-COMM_COLS = (576, 1536, 2048, 4096)  # Hessians of these widths, float64
+# Row counts per width. Real slices have 1k-30k rows (Llama-3-8B's gate+up group has
+# 28672), and past a few thousand rows a block's working set leaves the cache, so the
+# grid reaches 8192 rows where that is cheap; the widest Hessian anchors the cols³ term
+# (down_proj has 14336 columns) and is swept at two row counts only, to stay short.
+ROWS = {
+    576: (16, 512, 2048, 8192),
+    1536: (16, 512, 2048, 8192),
+    2048: (16, 512, 2048, 8192),
+    4096: (16, 512, 2048, 4096),
+    8192: (16, 2048),
+}
+# float64 elements per message: a token count and a small buffer pin the latency, then
+# Hessians of 576, 1536, 2048 and 4096 columns the bandwidth.
+COMM_NUMEL = (1, 8192, 576**2, 1536**2, 2048**2, 4096**2)
 
 
 @dataclass
@@ -114,7 +122,7 @@ def measure_compute(
         chol_t.append((cols, c))
         factor = prepare_factor(h, args)
         line = [f"cols {cols:5d}: factor {f:7.3f}s (cholesky alone {c:6.3f}s)"]
-        for rows in ROWS if cols < 8192 else ROWS_WIDE:
+        for rows in ROWS[cols]:
             w = torch.randn(rows, cols, generator=gen)
             s = clock.median(partial(solve_rows, w, factor, args), reps)
             sweep_t.append((rows, cols, s))
@@ -138,22 +146,27 @@ def _comm_rank(rank: int, port: int, reps: int, out: str) -> None:
     ctx = DistContext.from_environment(backend="gloo", device="cpu")
     results = []
     try:
-        for cols in COMM_COLS:
-            x = torch.ones(cols, cols, dtype=torch.float64)
+        for numel in COMM_NUMEL:
+            x = torch.ones(numel, dtype=torch.float64)
+            inner = 20 if numel < 10**5 else 1  # latency-bound messages: average a burst
             for kind in ("allreduce", "broadcast"):
                 times = []
                 for _ in range(reps):
+                    bufs = [x.clone() for _ in range(inner)]
                     ctx.barrier()
                     t = time.perf_counter()
-                    if kind == "allreduce":
-                        _, h = ctx.all_reduce_sum(x.clone())
-                        h.wait()
-                    else:
-                        _, hs = ctx.broadcast_from(0, [x.clone()])
-                        for h in hs:
+                    for b in bufs:
+                        if kind == "allreduce":
+                            _, h = ctx.all_reduce_sum(b)
                             h.wait()
-                    ctx.barrier()
-                    times.append(time.perf_counter() - t)
+                        else:
+                            _, hs = ctx.broadcast_from(0, [b])
+                            for h in hs:
+                                h.wait()
+                    mine = (time.perf_counter() - t) / inner
+                    # A collective ends when its last rank is done (a broadcast's root
+                    # finishes sending before the other rank has received).
+                    times.append(max(ctx.gather_objects(mine)))
                 results.append((kind, x.numel() * 8, statistics.median(times)))
     finally:
         ctx.close()
@@ -222,6 +235,7 @@ def main() -> None:
 
     comm: list[tuple[str, int, float]] = []
     c_err: float | None = None
+    reduce_cost = 0.0
     if opts.bytes_per_s is not None:
         latency, bandwidth = opts.latency_s or 0.0, opts.bytes_per_s
     elif opts.no_comm:
@@ -229,21 +243,14 @@ def main() -> None:
         print("comm not measured: assuming 100 us latency and 1 GB/s")
     else:
         comm = measure_comm(opts.reps)
-        # Fitted to the all-reduces (two ranks: 2 latency steps + n bytes), which carry
-        # almost all of a plan's bytes (a Hessian is cols² float64; qparams ~1 byte/weight).
-        ar = [(n, s) for k, n, s in comm if k == "allreduce"]
-        c_feats = [[2.0, float(n)] for n, _ in ar]
-        c_secs = [s for _, s in ar]
+        c_feats = [comm_features(k, n) for k, n, _ in comm]
+        c_secs = [s for _, _, s in comm]
         c_theta = fit_nonnegative(c_feats, c_secs)
-        latency = c_theta[0]
+        latency, reduce_cost = c_theta[0], c_theta[2]
         bandwidth = 1.0 / c_theta[1] if c_theta[1] > 0 else 1e12
-        c_err = report("allreduce", c_feats, c_secs, c_theta)
-        bc = [(n, s) for k, n, s in comm if k == "broadcast"]
-        report(
-            "broadcast (same link)", [[1.0, float(n)] for n, _ in bc], [s for _, s in bc], c_theta
-        )
+        c_err = report("comm  ", c_feats, c_secs, c_theta)
         for k, n, s in comm:
-            print(f"  {k:9s} {n / 1e6:8.1f} MB  {s:.4f}s")
+            print(f"  {k:9s} {n / 1e6:9.3f} MB  {s:.5f}s")
 
     model = CostModel(
         factor_overhead_s=f_theta[0],
@@ -255,6 +262,7 @@ def main() -> None:
         sweep_s_per_row_col2=s_theta[3],
         latency_s=latency,
         bytes_per_s=bandwidth,
+        reduce_s_per_byte=reduce_cost,
         min_sweep_rows=DEFAULT_MIN_SWEEP_ROWS,
         fitted_on=f"{platform.machine()} {platform.processor() or platform.system()}, "
         f"torch {torch.__version__}, 1 thread, {os.cpu_count()} cores, {opts.clock} time; "

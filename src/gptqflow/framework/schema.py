@@ -60,6 +60,9 @@ class SchemeGroup(_Group):
     actorder: ActOrderName = Field(
         "none", description="Activation order: none | static | group (g_idx)."
     )
+    observer: Literal["minmax", "mse"] = Field(
+        "minmax", description="Group range: min-max, or the range with the least error (mse)."
+    )
 
 
 class RuntimeGroup(_Group):

@@ -14,7 +14,8 @@ slice a rank solves). Each part is a term with its own fitted constant:
   ``sweep_overhead_s + sweep_s_per_col·cols + sweep_s_per_row_col·r·cols
   + sweep_s_per_row_col2·r·cols²``;
 * a collective moving ``n`` bytes: ``latency_s`` per message step plus ``n / bytes_per_s``
-  (ring all-reduce moves ``2(k-1)/k·n`` per rank).
+  (ring all-reduce moves ``2(k-1)/k·n`` per rank), plus ``reduce_s_per_byte`` for the
+  ``(k-1)/k·n`` bytes each rank sums in a reduction.
 
 The constants depend on the machine, so they live in a JSON file written by
 ``bench/fit_cost.py``; ``cost_cpu.json`` next to this module is the fit on the
@@ -70,6 +71,7 @@ class CostModel:
     sweep_s_per_row_col2: float
     latency_s: float
     bytes_per_s: float
+    reduce_s_per_byte: float = 0.0
     min_sweep_rows: int = DEFAULT_MIN_SWEEP_ROWS
     fitted_on: str = ""
 
@@ -127,14 +129,23 @@ class CostModel:
         """Ring all-reduce of ``nbytes`` over ``ranks`` ranks (0 at one rank)."""
         if ranks <= 1 or nbytes <= 0:
             return 0.0
-        steps = 2 * (ranks - 1)
-        return steps * self.latency_s + 2 * (ranks - 1) / ranks * nbytes / self.bytes_per_s
+        share = (ranks - 1) / ranks
+        return (
+            2 * (ranks - 1) * self.latency_s
+            + 2 * share * nbytes / self.bytes_per_s
+            + share * nbytes * self.reduce_s_per_byte
+        )
 
     def reduce_seconds(self, nbytes: int, ranks: int) -> float:
         """Reduce of ``nbytes`` to one owner rank (reduce-scatter + gather)."""
         if ranks <= 1 or nbytes <= 0:
             return 0.0
-        return (ranks - 1) * self.latency_s + (ranks - 1) / ranks * nbytes / self.bytes_per_s
+        share = (ranks - 1) / ranks
+        return (
+            (ranks - 1) * self.latency_s
+            + share * nbytes / self.bytes_per_s
+            + share * nbytes * self.reduce_s_per_byte
+        )
 
     def broadcast_seconds(self, nbytes: int, ranks: int) -> float:
         """Pipelined broadcast of ``nbytes`` from one rank to ``ranks - 1`` others."""
@@ -250,6 +261,15 @@ def sweep_features(
     return [1.0, c, r * c, r * c * c]
 
 
-def comm_features(nbytes: int) -> list[float]:
-    """The regressors of a two-rank collective: one latency plus bytes over bandwidth."""
-    return [1.0, float(nbytes)]
+def comm_features(kind: str, nbytes: int) -> list[float]:
+    """The regressors (latency_s, 1/bytes_per_s, reduce_s_per_byte) of a 2-rank collective.
+
+    At two ranks an all-reduce is two latency steps, ``n`` bytes on the wire and ``n/2``
+    bytes summed per rank; a broadcast is one step and ``n`` bytes.
+    """
+    n = float(nbytes)
+    if kind == "allreduce":
+        return [2.0, n, n / 2]
+    if kind == "broadcast":
+        return [1.0, n, 0.0]
+    raise ValueError(f"unknown collective {kind!r}")

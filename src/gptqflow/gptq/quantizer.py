@@ -101,28 +101,63 @@ def _storage_round(scale: torch.Tensor, storage_dtype: torch.dtype) -> torch.Ten
 def compute_qparams(
     w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero point for each row of ``w`` (shape ``[rows, k]``).
+    """Scale and zero point for each row of ``w`` (shape ``[rows, k]``).
 
     Returns ``scale`` (``[rows, 1]``, in the grid's work dtype, with values
     representable in ``scale_dtype``, default ``w.dtype``) and ``zero_point``
     (``[rows, 1]`` int8).  Zero is always inside the range, so zero weights (and
     dead columns) dequantize to exactly zero.
 
-    Symmetric: ``zp = 0``, ``scale = max|w| / ((qmax - qmin) / 2)`` (as
-    compressed-tensors computes it).  Asymmetric: ``scale = (max - min) /
-    (qmax - qmin)``, ``zp = round(qmin - min / scale)`` clamped to the code range.
+    ``observer="minmax"``: the range is [min, max] of the row (clamped to contain 0).
+    ``observer="mse"``: the range is shrunk by the factor in
+    ``linspace(1, mse_maxshrink, mse_grid)`` that minimises ``Σ|w - q(w)|^mse_norm``
+    for the row: clipping a few outliers buys a finer grid for all other weights,
+    which lowers the error at 4 bits and below (the GPTQ reference's ``--mse``).
     """
     storage = scale_dtype if scale_dtype is not None else w.dtype
     wf = w.to(work_dtype(w.dtype))
     lo = wf.amin(dim=1, keepdim=True).clamp(max=0)
     hi = wf.amax(dim=1, keepdim=True).clamp(min=0)
+    if args.observer == "minmax":
+        return _range_qparams(lo, hi, args, storage)
+    best_scale, best_zp = _range_qparams(lo, hi, args, storage)
+    best_err = _grid_error(wf, best_scale, best_zp, args)
+    for i in range(1, args.mse_grid):
+        shrink = 1.0 - (1.0 - args.mse_maxshrink) * i / max(args.mse_grid - 1, 1)
+        scale, zp = _range_qparams(lo * shrink, hi * shrink, args, storage)
+        err = _grid_error(wf, scale, zp, args)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+def _range_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, storage: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale / zero point mapping [lo, hi] (per row, lo <= 0 <= hi) onto the code range.
+
+    Symmetric: ``zp = 0``, ``scale = max(|lo|, hi) / ((qmax - qmin) / 2)`` (as
+    compressed-tensors computes it).  Asymmetric: ``scale = (hi - lo) /
+    (qmax - qmin)``, ``zp = round(qmin - lo / scale)`` clamped to the code range.
+    """
     span = float(args.qmax - args.qmin)
     if args.symmetric:
         scale = _storage_round(torch.maximum(-lo, hi) / (span / 2), storage)
-        return scale, torch.zeros(scale.shape, dtype=torch.int8, device=w.device)
+        return scale, torch.zeros(scale.shape, dtype=torch.int8, device=lo.device)
     scale = _storage_round((hi - lo) / span, storage)
     zp = torch.round(args.qmin - lo / scale).clamp_(args.qmin, args.qmax)
     return scale, zp.to(torch.int8)
+
+
+def _grid_error(
+    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, args: QuantArgs
+) -> torch.Tensor:
+    """Per-row ``Σ |w - dequant(quant(w))|^mse_norm`` ([rows, 1])."""
+    zpf = zp.to(w.dtype)
+    q = torch.round(w / scale + zpf).clamp_(args.qmin, args.qmax)
+    return ((q - zpf) * scale - w).abs_().pow_(args.mse_norm).sum(dim=1, keepdim=True)
 
 
 def round_to_grid(

@@ -90,7 +90,6 @@ GROUP_NAME = "group_0"
 TARGETS = ("Linear",)
 # Our grids come from per-group min/max (then GPTQ picks the codes). The field is
 # informational for re-calibrating tools; loaders ignore it.
-OBSERVER = "minmax"
 SUPPORTED_FORMATS = (CompressionFormat.pack_quantized, CompressionFormat.int_quantized)
 # safetensors metadata: fixed, so two writes of the same model are byte-identical.
 SAFETENSORS_METADATA = {"format": "pt"}
@@ -122,7 +121,7 @@ def build_quantization_config(
         group_size=args.group_size if args.group_size > 0 else None,
         actorder="weight" if args.actorder == "static" else None,
         dynamic=False,
-        observer=OBSERVER,
+        observer=args.observer,
     )
     scheme = QuantizationScheme(targets=list(TARGETS), weights=weights)
     scheme.format = _resolve_format(scheme, format)

@@ -48,6 +48,7 @@ class SolveStage(Stage):
             block_size=c.block_size,
             dampening=c.dampening,
             max_damp_retries=c.max_damp_retries,
+            observer=c.observer,
         )
 
     def run_step(self, state: PipelineState, step: GroupStep, ctx: DistContext) -> None:
@@ -100,6 +101,10 @@ class SolveConfig(StageConfig):
     )
     max_damp_retries: int = Field(
         6, ge=0, description="Cholesky retries, each with 10x the dampening."
+    )
+    observer: Literal["minmax", "mse"] = Field(
+        "minmax",
+        description="Range of each group: min-max, or the shrunken range with the least error (mse).",
     )
     report_loss: bool = Field(
         True, description="Compute tr((W-Q)H(W-Q)ᵀ) per module for the report."
