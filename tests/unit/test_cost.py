@@ -10,6 +10,7 @@ import torch
 
 from gptqflow.gptq.cost import (
     CostModel,
+    comm_features,
     factor_features,
     fit_nonnegative,
     hessian_bytes,
@@ -126,6 +127,20 @@ def test_fit_recovers_known_constants_from_synthetic_timings() -> None:
     assert f_theta == pytest.approx(
         [truth.factor_overhead_s, truth.factor_s_per_col2, truth.factor_s_per_col3], rel=1e-6
     )
+
+
+def test_fit_recovers_collective_constants() -> None:
+    truth = synthetic(latency_s=3e-4, bytes_per_s=2e9, reduce_s_per_byte=1e-9)
+    samples = [(k, n) for k in ("allreduce", "broadcast") for n in (8, 65536, 2**21, 2**25, 2**27)]
+    feats = [comm_features(k, n) for k, n in samples]
+    secs = [
+        truth.allreduce_seconds(n, 2) if k == "allreduce" else truth.broadcast_seconds(n, 2)
+        for k, n in samples
+    ]
+    theta = fit_nonnegative(feats, secs)
+    assert theta == pytest.approx([3e-4, 1 / 2e9, 1e-9], rel=1e-6)
+    with pytest.raises(ValueError, match="unknown collective"):
+        comm_features("gather", 8)
 
 
 def test_fit_with_noise_stays_close_and_never_goes_negative() -> None:

@@ -1,0 +1,58 @@
+"""The editor JSON Schema: generated from the code, committed, and accepting every shipped recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from gptqflow.framework.compose import project_root, recipes_dir
+from gptqflow.framework.jsonschema import GROUPS, dump, group_schema, recipe_schema
+
+SCHEMA_DIR = project_root() / "schema"
+RECIPES = recipes_dir()
+
+
+def test_committed_schemas_match_the_code() -> None:
+    """A change to any config model shows up in review as a change to schema/*.json."""
+    assert (SCHEMA_DIR / "recipe.schema.json").read_text() == dump(recipe_schema()), (
+        "regenerate with: gptqflow schema --output schema/recipe.schema.json"
+    )
+    for group in GROUPS:
+        assert (SCHEMA_DIR / f"{group}.schema.json").read_text() == dump(group_schema(group)), (
+            f"regenerate with: gptqflow schema --group {group} --output schema/{group}.schema.json"
+        )
+
+
+def _files() -> list[Path]:
+    return sorted(RECIPES.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _files(), ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_validates_and_points_at_its_schema(path: Path) -> None:
+    group = path.parent.name
+    schema_name = f"{group}.schema.json" if group in GROUPS else "recipe.schema.json"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# yaml-language-server: $schema=") and first.endswith(schema_name)
+    target = (path.parent / first.split("=", 1)[1]).resolve()
+    assert target == (SCHEMA_DIR / schema_name).resolve()
+    schema = json.loads(target.read_text())
+    jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+
+
+def test_schema_rejects_typos_and_bad_values() -> None:
+    schema = group_schema("scheme")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"bitz": 4}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"bits": 5}, schema)
+    jsonschema.validate({"bits": "${oc.env:BITS}"}, schema)  # interpolations are fine
+    recipe = recipe_schema()
+    bad = {"stages": [{"stage": "solve", "bits": 4, "typo": 1}]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, recipe)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"stages": [{"stage": "solv"}]}, recipe)
