@@ -121,6 +121,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from gptqflow.planning import parse_world_sizes, plan_report
+
+    report = plan_report(args.config, parse_world_sizes(args.world_sizes), args.cost_model)
+    print(_json.dumps(report.data, indent=2) if args.json else report.text)
+    return 0
+
+
 def cmd_stages(_args: argparse.Namespace) -> int:
     from gptqflow.framework.registry import registered
 
@@ -172,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("model", "dataset", "scheme", "runtime"),
         help="schema of one config group's option files instead",
     )
+    plan = sub.add_parser(
+        "plan", help="predict the per-rank solve plan of a model config at many world sizes"
+    )
+    plan.add_argument(
+        "config",
+        help="transformers config.json or model dir (no weights needed), e.g. configs/llama3-8b.json",
+    )
+    plan.add_argument(
+        "--world-sizes", default="2,4,8,64,512", help="comma-separated (default 2,4,8,64,512)"
+    )
+    plan.add_argument(
+        "--cost-model", help="cost-model JSON from bench/fit_cost.py (default: bundled CPU fit)"
+    )
+    plan.add_argument("--json", action="store_true", help="print the prediction as JSON")
     sub.add_parser("stages", help="list the registered stages and their fields")
     return p
 
@@ -195,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "prepare-model": cmd_prepare,
             "schema": cmd_schema,
+            "plan": cmd_plan,
             "stages": cmd_stages,
         }
         handler = lambda: table[args.command](args)  # noqa: E731
