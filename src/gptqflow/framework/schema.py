@@ -58,10 +58,10 @@ class SchemeGroup(_Group):
     )
     symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
     actorder: ActOrderName = Field(
-        "none", description="Activation order: none | static | group (g_idx)."
+        "static", description="Activation order: none | static | group (g_idx)."
     )
     observer: Literal["minmax", "mse"] = Field(
-        "minmax", description="Group range: min-max, or the range with the least error (mse)."
+        "mse", description="Group range: min-max, or the range with the least error (mse)."
     )
 
 

@@ -156,8 +156,9 @@ def _grid_error(
 ) -> torch.Tensor:
     """Per-row ``Σ |w - dequant(quant(w))|^mse_norm`` ([rows, 1])."""
     zpf = zp.to(w.dtype)
-    q = torch.round(w / scale + zpf).clamp_(args.qmin, args.qmax)
-    return ((q - zpf) * scale - w).abs_().pow_(args.mse_norm).sum(dim=1, keepdim=True)
+    d = torch.div(w, scale).add_(zpf).round_().clamp_(args.qmin, args.qmax).sub_(zpf).mul_(scale).sub_(w)
+    d = d.square_() if args.mse_norm == 2.0 else d.abs_().pow_(args.mse_norm)
+    return d.sum(dim=1, keepdim=True)
 
 
 def round_to_grid(

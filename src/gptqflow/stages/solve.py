@@ -92,7 +92,7 @@ class SolveConfig(StageConfig):
     )
     symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
     actorder: Literal["none", "static", "group"] = Field(
-        "none",
+        "static",
         description="Sweep columns by decreasing Hessian diagonal; group = groups follow it (g_idx).",
     )
     block_size: int = Field(128, ge=1, description="Columns per lazy-batch block of the sweep.")
@@ -103,7 +103,7 @@ class SolveConfig(StageConfig):
         6, ge=0, description="Cholesky retries, each with 10x the dampening."
     )
     observer: Literal["minmax", "mse"] = Field(
-        "minmax",
+        "mse",
         description="Range of each group: min-max, or the shrunken range with the least error (mse).",
     )
     report_loss: bool = Field(
