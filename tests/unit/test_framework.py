@@ -74,3 +74,15 @@ def test_every_stage_registered_with_forbidding_config() -> None:
                 assert info.description, f"{name}.{field} has no description"
         module = __import__(spec.impl_cls.__module__, fromlist=["_"])
         assert "```yaml" in (module.__doc__ or ""), f"{name}: module docstring needs a YAML example"
+
+
+def test_plan_command_prints_both_planners(capsys: pytest.CaptureFixture[str]) -> None:
+    from gptqflow.cli import main
+    from gptqflow.framework.compose import project_root
+
+    cfg = project_root() / "configs" / "llama3-8b.json"
+    assert main(["plan", str(cfg), "--world-sizes", "2,8"]) == 0
+    out = capsys.readouterr().out
+    assert "llama3-8b" in out and "ours" in out and "columns" in out
+    assert main(["plan", str(cfg), "--world-sizes", "0"]) == 1
+    assert "--world-sizes" in capsys.readouterr().err
