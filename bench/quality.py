@@ -22,10 +22,12 @@ Run (full size is slow on a 2-core CPU: 4 quantizations and 5 perplexity runs):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,13 +69,25 @@ class Method:
 # Run order: GPTQ W4 first, since it is the one run that keeps the baseline evaluate.
 METHODS = (
     Method("gptq-w4", "GPTQ", 4, "smollm2_w4a16", (), baseline=True),
-    Method("rtn-w4", "RTN", 4, "rtn_w4a16", ("model=smollm2", f"scheme.group_size={GROUP_SIZE}")),
+    # RTN with plain min-max ranges: the classic baseline the reference numbers use.
+    Method(
+        "rtn-w4",
+        "RTN",
+        4,
+        "rtn_w4a16",
+        ("model=smollm2", f"scheme.group_size={GROUP_SIZE}", "scheme.observer=minmax"),
+    ),
     Method(
         "rtn-w3",
         "RTN",
         3,
         "rtn_w4a16",
-        ("model=smollm2", "scheme=w3a16", f"scheme.group_size={GROUP_SIZE}"),
+        (
+            "model=smollm2",
+            "scheme=w3a16",
+            f"scheme.group_size={GROUP_SIZE}",
+            "scheme.observer=minmax",
+        ),
     ),
     Method("gptq-w3", "GPTQ", 3, "smollm2_w4a16", ("scheme=w3a16",)),
 )
@@ -116,6 +130,30 @@ def read_hwm_bytes() -> int:
     return 0
 
 
+def code_state() -> str:
+    """The commit plus a hash of the uncommitted diff of tracked files.
+
+    Why: the project is edited while benchmarks run; each run records the code it
+    imported so a table mixing two code states is flagged instead of trusted.
+    """
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "-C", str(root), "diff", "HEAD", "--", "src", "recipes"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head if not diff else f"{head}+dirty:{hashlib.sha1(diff).hexdigest()[:8]}"
+
+
 def worker(spec_file: Path) -> None:
     """Compose and run one recipe in this (child) process; write what the parent needs."""
     import gptqflow
@@ -133,6 +171,8 @@ def worker(spec_file: Path) -> None:
         "vm_hwm_bytes": read_hwm_bytes(),
         "stage_kinds": stage_kinds(resolved["stages"]),
         "block_size": block,
+        "scheme": resolved["scheme"],
+        "code": code_state(),
         "report": report,
     }
     Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n")
@@ -147,6 +187,8 @@ class Row:
     method: str
     bits: int | None
     group: int | None
+    actorder: str | None
+    observer: str | None
     perplexity: float
     quant_s: float | None
     stages: dict[str, float]
@@ -169,17 +211,38 @@ def run_child(m: Method, common: list[str], out: Path, threads: int) -> dict[str
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_file = out / f"{m.slug}.log"
     with log_file.open("w") as log:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", str(spec_file)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            check=False,
         )
+        try:
+            proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM (see main): never leave the child running
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if proc.returncode != 0:
         tail = "\n".join(log_file.read_text().splitlines()[-30:])
         raise SystemExit(f"{m.slug} failed (exit {proc.returncode}); log {log_file}:\n{tail}")
     return json.loads(Path(spec["result"]).read_text())
+
+
+def _raise_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM -> SystemExit, so the ``finally`` blocks stop the child and clean up."""
+    raise SystemExit(128 + signum)
+
+
+def load_average() -> float | None:
+    """1-minute load average: a shared machine shows up here, so it is recorded with the run."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def mib(n: float) -> float:
@@ -203,6 +266,8 @@ def make_row(m: Method, res: dict[str, Any]) -> Row:
         method=m.method,
         bits=m.bits,
         group=int(report["group_size"]),
+        actorder=str(res["scheme"].get("actorder", "none")),
+        observer=str(res["scheme"].get("observer", "minmax")),
         perplexity=float(report["perplexity"]["quantized"]),
         quant_s=float(report["seconds"]) - eval_s,
         stages={k: float(v["seconds"]) for k, v in st.items() if kinds.get(k) != "evaluate"},
@@ -221,6 +286,8 @@ def baseline_row(res: dict[str, Any]) -> Row:
         method="float32",
         bits=None,
         group=None,
+        actorder=None,
+        observer=None,
         perplexity=float(report["perplexity"]["baseline"]),
         quant_s=None,
         stages={},
@@ -237,7 +304,8 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
 def table(rows: list[Row], base: float) -> str:
     """The Markdown results table."""
     head = (
-        "| method | bits | group | perplexity | Δ vs float | quant s | calibrate s "
+        "| method | bits | group | actorder | observer | perplexity | Δ vs float | quant s "
+        "| calibrate s "
         "| hessian-reduce s | solve s | broadcast s | load+partition+save s | eval s "
         "| peak RSS MiB |"
     )
@@ -251,7 +319,8 @@ def table(rows: list[Row], base: float) -> str:
         other = sum(v for k, v in r.stages.items() if k not in LOOP_STAGES) if r.stages else None
         loop = [r.stages.get(k) if r.stages else None for k in LOOP_STAGES]
         lines.append(
-            f"| {r.method} | {fmt(r.bits, 'd')} | {fmt(r.group, 'd')} | {r.perplexity:.2f} | {delta} "
+            f"| {r.method} | {fmt(r.bits, 'd')} | {fmt(r.group, 'd')} | {r.actorder or '—'} "
+            f"| {r.observer or '—'} | {r.perplexity:.2f} | {delta} "
             f"| {fmt(r.quant_s)} | {' | '.join(fmt(v, '.2f') for v in loop)} | {fmt(other, '.2f')} "
             f"| {r.eval_s:.1f} | {fmt(r.peak_rss_mib, '.0f')} |"
         )
@@ -337,6 +406,30 @@ def reference_block() -> str:
     )
 
 
+def verdict(rows: list[Row], a: argparse.Namespace) -> str:
+    """GPTQ W4 against the issue's targets, and GPTQ vs RTN at each width."""
+    by = {r.slug: r for r in rows}
+    lines = []
+    w4 = by["gptq-w4"]
+    full = (a.num_samples, a.seq_len, a.eval_tokens) == (64, 512, 40960)
+    ok = "met" if w4.perplexity <= TARGET_PPL else "MISSED"
+    lines.append(
+        f"GPTQ W4 perplexity {w4.perplexity:.2f} vs target ≤ {TARGET_PPL}: {ok}"
+        + ("" if full else " (not the full-size setting: not comparable)")
+    )
+    assert w4.quant_s is not None
+    ok = "met" if w4.quant_s <= TARGET_SECONDS else "MISSED"
+    lines.append(
+        f"GPTQ W4 quantization {w4.quant_s:.1f} s vs target ≤ {TARGET_SECONDS:.0f} s: {ok}"
+        + ("" if a.threads == 2 and full else " (the target is for 2 threads at full size)")
+    )
+    for bits in (4, 3):
+        g, r = by[f"gptq-w{bits}"], by[f"rtn-w{bits}"]
+        better = "beats" if g.perplexity < r.perplexity else "DOES NOT beat"
+        lines.append(f"GPTQ W{bits} {g.perplexity:.2f} {better} RTN W{bits} {r.perplexity:.2f}")
+    return "\n".join(lines)
+
+
 def default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -415,18 +508,22 @@ def main(argv: list[str] | None = None) -> None:
         "overwrite=true",
     ]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     log(f"run directories: {out}; {a.threads} thread(s)")
+    loads = {"start": load_average()}
     rate = measure_matmul_rate(a.threads, reps=a.matmul_reps)
-    log(f"matmul rate before the runs: {rate.gflops:.1f} GFLOP/s")
+    before_gflops = rate.gflops
+    log(f"matmul rate before the runs: {before_gflops:.1f} GFLOP/s")
     results: dict[str, dict[str, Any]] = {}
     try:
         for i, m in enumerate(METHODS, 1):
             t = time.perf_counter()
             results[m.slug] = res = run_child(m, common, out, a.threads)
+            loads[m.slug] = load_average()
             r = res["report"]
             log(
                 f"[{i}/{len(METHODS)}] {m.method} W{m.bits}: ppl {r['perplexity']['quantized']:.3f} "
-                f"in {time.perf_counter() - t:.1f} s"
+                f"in {time.perf_counter() - t:.1f} s (load average {loads[m.slug]})"
             )
         after = measure_matmul_rate(a.threads, reps=a.matmul_reps)
         log(f"matmul rate after the runs: {after.gflops:.1f} GFLOP/s")
@@ -442,6 +539,13 @@ def main(argv: list[str] | None = None) -> None:
     floor_md, floor_data = floor_block(
         gptq["report"]["model"], a.num_samples, a.seq_len, int(gptq["block_size"]), rate, rows
     )
+    floor_data["rate_before_gflops"], floor_data["rate_after_gflops"] = before_gflops, after.gflops
+    floor_md += (
+        f"\n\nMatmul rate before the runs {before_gflops:.1f} GFLOP/s, after {after.gflops:.1f} "
+        f"GFLOP/s (a large gap means the machine was busy); 1-minute load average after each run: "
+        + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in loads.items())
+        + "."
+    )
     header = (
         f"SmolLM2-135M-Instruct, float32, group {GROUP_SIZE}; calibration {a.num_samples} × "
         f"{a.seq_len} tokens (wikitext2-valid), perplexity on the first {a.eval_tokens} tokens of "
@@ -453,8 +557,18 @@ def main(argv: list[str] | None = None) -> None:
         "quant s = load → save wall seconds without the evaluate stages; eval s = one perplexity "
         "run; peak RSS = the child process's high-water mark over the whole run.\n"
     )
+    codes = {k: res.get("code", "unknown") for k, res in results.items()}
+    code_line = f"Code: {', '.join(sorted(set(codes.values())))}."
+    if len(set(codes.values())) > 1:
+        code_line = (
+            "**WARNING: the code changed between runs; the rows are not comparable** ("
+            + ", ".join(f"{k}: {v}" for k, v in codes.items())
+            + ")."
+        )
+    print(code_line + "\n")
     print(f"## Floating-point floor\n\n{floor_md}\n")
     print(reference_block())
+    print(verdict(rows, a))
     if a.json is not None:
         doc = {
             "settings": {
@@ -467,6 +581,8 @@ def main(argv: list[str] | None = None) -> None:
                 "cores_visible": default_threads(),
                 "python": platform.python_version(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "load_average": loads,
+                "code": codes,
             },
             "rows": [asdict(r) for r in rows],
             "floor": floor_data,

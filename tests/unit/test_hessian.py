@@ -71,3 +71,17 @@ def test_errors() -> None:
         acc.add(torch.randn(4, 9))
     with pytest.raises(ValueError, match="merge"):
         acc.merge(HessianSum.zeros(9))
+
+
+def test_add_equals_the_float64_sum_of_chunk_updates_bit_for_bit() -> None:
+    """The fused, buffer-reusing add is the plain definition: Σ float64(2·xᵀx in float32)."""
+    gen = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(37, 24, generator=gen) * (i + 1) for i in range(5)]
+    acc = HessianSum.zeros(24)
+    for c in chunks:
+        acc.add(c)
+    expected = torch.zeros(24, 24, dtype=torch.float64)
+    for c in chunks:
+        expected += hessian_update(c).to(torch.float64)
+    assert torch.equal(acc.sum, expected)
+    assert acc.count == 5 * 37

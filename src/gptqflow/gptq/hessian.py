@@ -17,7 +17,7 @@ step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,9 @@ class HessianSum:
 
     sum: torch.Tensor
     count: int = 0
+    # Scratch for one chunk's float32 product, reused: allocating (and page-faulting)
+    # a fresh cols×cols matrix per sample cost more than the add itself.
+    _scratch: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, cols: int, device: torch.device | str | None = None) -> HessianSum:
@@ -63,9 +66,16 @@ class HessianSum:
             raise ValueError(
                 f"input has {x.shape[-1]} features but the Hessian is {self.cols}x{self.cols}"
             )
-        update = hessian_update(x.to(self.sum.device))
-        self.sum += update.to(torch.float64)
-        self.count += x.numel() // self.cols if self.cols else 0
+        tokens = x.detach().to(self.sum.device).reshape(-1, self.cols).to(torch.float32)
+        if self._scratch is None:
+            self._scratch = torch.empty(
+                self.cols, self.cols, dtype=torch.float32, device=self.sum.device
+            )
+        torch.mm(tokens.T, tokens, out=self._scratch)
+        # One fused pass: the float32 product is widened exactly and doubled exactly,
+        # so this equals adding hessian_update(x) in float64, bit for bit.
+        self.sum.add_(self._scratch, alpha=2.0)
+        self.count += tokens.shape[0]
 
     def merge(self, other: HessianSum) -> None:
         """Add another partial sum (e.g. from another rank) into this one."""
