@@ -25,6 +25,7 @@ from torch import nn
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.plan import GroupShape, LayerPrediction, Planner, layer_prediction
+from gptqflow.modeling.structure import decoder_layers
 
 __all__ = [
     "DEFAULT_WORLD_SIZES",
@@ -120,16 +121,6 @@ def _load_config(source: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
     return config, label if path.is_file() else path.name
 
 
-def _decoder_layers(model: nn.Module, n: int) -> nn.ModuleList:
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n and n:
-            return mod
-    raise GptqflowError(
-        f"no ModuleList of num_hidden_layers={n} layers in {type(model).__name__}; "
-        "only decoder-layer causal LMs can be planned"
-    )
-
-
 def _group_linears(layer: nn.Module) -> list[GroupShape]:
     """The layer's Linear modules, in forward order, grouped by the input they share."""
     role = {name: i for i, names in enumerate(SHARED_INPUT) for name in names}
@@ -161,7 +152,7 @@ def layer_groups(
     cfg, label = _load_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    layers = _decoder_layers(model, int(getattr(cfg, "num_hidden_layers", 0) or 0))
+    _, layers = decoder_layers(model)
     kinds: dict[tuple[GroupShape, ...], int] = {}
     for layer in layers:
         key = tuple(_group_linears(layer))

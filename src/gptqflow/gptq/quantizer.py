@@ -156,7 +156,15 @@ def _grid_error(
 ) -> torch.Tensor:
     """Per-row ``Σ |w - dequant(quant(w))|^mse_norm`` ([rows, 1])."""
     zpf = zp.to(w.dtype)
-    d = torch.div(w, scale).add_(zpf).round_().clamp_(args.qmin, args.qmax).sub_(zpf).mul_(scale).sub_(w)
+    d = (
+        torch.div(w, scale)
+        .add_(zpf)
+        .round_()
+        .clamp_(args.qmin, args.qmax)
+        .sub_(zpf)
+        .mul_(scale)
+        .sub_(w)
+    )
     d = d.square_() if args.mse_norm == 2.0 else d.abs_().pow_(args.mse_norm)
     return d.sum(dim=1, keepdim=True)
 
