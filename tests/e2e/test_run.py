@@ -172,3 +172,10 @@ def test_python_api_runs_a_recipe(tiny_llama_dir: Path, tmp_path: Path) -> None:
     )
     assert report["status"] == "ok" and report["bits"] == 8 and report["group_size"] == -1
     assert (tmp_path / "api" / "checkpoint" / "config.json").is_file()
+
+
+def test_rank_peak_memory_covers_every_stage(tiny_run: tuple[Path, Runner]) -> None:
+    out, _ = tiny_run
+    report = json.loads((out / "report.json").read_text())
+    (rank,) = report["ranks"]
+    assert rank["peak_rss_bytes"] >= max(s["peak_rss_bytes"] for s in report["stages"].values())

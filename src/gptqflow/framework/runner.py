@@ -200,7 +200,10 @@ class Runner:
     def _report(
         self, state: PipelineState, seconds: float, error: BaseException | None
     ) -> dict[str, Any]:
-        mine = {"rank": self.ctx.rank, "stages": self.clock.stats, "peak_rss_bytes": peak_rss()}
+        # The kernel's peak mark is reset before every stage, so the run's peak is the
+        # largest stage peak (the current mark alone covers only the last stage).
+        peak = max([peak_rss(), *(int(s["peak_rss_bytes"]) for s in self.clock.stats.values())])
+        mine = {"rank": self.ctx.rank, "stages": self.clock.stats, "peak_rss_bytes": peak}
         try:
             ranks = self.ctx.gather_objects(mine) if error is None else [mine]
         except Exception:  # a peer is gone: report what this rank knows
