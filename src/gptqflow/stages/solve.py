@@ -23,15 +23,16 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
-from gptqflow.gptq.quantizer import rtn_quantize
+from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
-from gptqflow.gptq.types import QuantArgs
+from gptqflow.gptq.types import QuantArgs, QuantResult
 
 
 class SolveStage(Stage):
@@ -65,16 +66,35 @@ class SolveStage(Stage):
                     factor = prepare_factor(h, args)
                 except CholeskyError as exc:
                     raise GptqflowError(f"{', '.join(step.names)}: {exc}") from exc
+            # All of this rank's slices share the Hessian, so they are stacked into one
+            # sweep: rows are independent given the factor (a slice of a solve is
+            # bit-identical to solving it alone), and the per-column cost is paid once.
+            w = torch.cat([step.modules[s.module].weight.data[s.start : s.stop] for s in mine])
+            if factor is None:
+                res = rtn_quantize(w, args)
+            else:
+                res = solve_rows(w, factor, args)
+            offset = 0
             for s in mine:
-                w = step.modules[s.module].weight.data[s.start : s.stop]
-                if factor is None:
-                    res = rtn_quantize(w, args, hessian=h if self.config.report_loss else None)
-                else:
-                    res = solve_rows(
-                        w, factor, args, hessian=h if self.config.report_loss else None
-                    )
-                step.results[(s.module, s.start)] = res
+                part = _rows(res, offset, offset + s.rows)
+                if self.config.report_loss:
+                    part.loss = quantization_loss(w[offset : offset + s.rows], part.dequant, h)
+                step.results[(s.module, s.start)] = part
+                offset += s.rows
         step.solve_seconds[ctx.rank] = time.perf_counter() - start
+
+
+def _rows(res: QuantResult, start: int, stop: int) -> QuantResult:
+    """Rows ``[start, stop)`` of a stacked result (g_idx and damp are shared)."""
+    return QuantResult(
+        qweight=res.qweight[start:stop],
+        scale=res.scale[start:stop],
+        zero_point=res.zero_point[start:stop],
+        g_idx=res.g_idx,
+        dequant=res.dequant[start:stop],
+        loss=float("nan"),
+        damp=res.damp,
+    )
 
 
 @register_stage("solve", SolveStage)
