@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -191,7 +192,8 @@ class Runner:
             "seconds": seconds,
             "solve_seconds": solve,
             "imbalance": (max(solve) / mean) if mean > 0 else 1.0,
-            "loss": self._layer_loss.get(index, 0.0),
+            # GPTQ objective summed over the layer's modules; None unless solve.report_loss.
+            "loss": None if math.isnan(loss := self._layer_loss.get(index, math.nan)) else loss,
         }
         state.layer_reports.append(entry)
         log.info("layer %d done in %.2fs (imbalance %.3f)", index, seconds, entry["imbalance"])

@@ -174,6 +174,29 @@ class CalibrateStage(Stage):
         state.extra["layer_kwargs"] = _to(kwargs, ctx.device)
         state.extra["tokens_calibrated"] = 0
 
+    def _groups(
+        self,
+        layer: nn.Module,
+        prefix: str,
+        hidden: torch.Tensor,
+        kwargs: Mapping[str, Any],
+        linears: Mapping[str, nn.Linear],
+    ) -> list[list[str]]:
+        """The layer's groups, traced once per kind of layer (class + targeted names).
+
+        Layers of one class with the same targeted modules share their data flow, so
+        the one-sample tracing forward runs for the first such layer only.
+        """
+        if not linears:
+            return []
+        rel = tuple(n[len(prefix) + 1 :] for n in linears)
+        key = (type(layer), rel)
+        cache: dict[Any, list[list[str]]] = self.__dict__.setdefault("_group_cache", {})
+        if key not in cache:
+            traced = trace_groups(layer, hidden[:1], kwargs, linears)
+            cache[key] = [[n[len(prefix) + 1 :] for n in g] for g in traced]
+        return [[f"{prefix}.{n}" for n in g] for g in cache[key]]
+
     def layer_count(self, state: PipelineState) -> int:
         return len(state.layers)
 
@@ -192,7 +215,7 @@ class CalibrateStage(Stage):
         linears = target_linears(layer, prefix, self.config.targets, self.config.ignore)
         layer.to(ctx.device)
         try:
-            groups = trace_groups(layer, hidden[:1], kwargs, linears) if linears else []
+            groups = self._groups(layer, prefix, hidden, kwargs, linears)
             with (
                 per_sample_linears(layer),
                 self._group_hooks(index, groups, linears, on_group),

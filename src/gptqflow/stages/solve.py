@@ -127,5 +127,7 @@ class SolveConfig(StageConfig):
         description="Range of each group: min-max, or the shrunken range with the least error (mse).",
     )
     report_loss: bool = Field(
-        True, description="Compute tr((W-Q)H(W-Q)ᵀ) per module for the report."
+        False,
+        description="Compute tr((W-Q)H(W-Q)ᵀ) per module for report.json (costs about one more "
+        "sweep's worth of matmuls).",
     )
