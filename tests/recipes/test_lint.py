@@ -191,3 +191,29 @@ def test_lint_checks_group_size_against_model_widths(
     problems, _ = lint_paths([_write(tmp_path, "r.yaml", r)])
     (p,) = problems
     assert "stages[5](solve).group_size" in str(p) and "[128]" in str(p) and "128" in p.message
+
+
+def test_pre_commit_hook_entry_lints_good_and_bad_files(
+    tmp_path: Path, good: dict[str, Any]
+) -> None:
+    """Run the hook exactly as pre-commit would: its entry, with the staged files appended."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from gptqflow.framework.compose import project_root
+
+    (hook,) = yaml.safe_load((project_root() / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "gptqflow-lint"
+    ok = _write(tmp_path, "ok.yaml", good)
+    bad_recipe = copy.deepcopy(good)
+    _stage(bad_recipe, "solve")["bits"] = 5
+    bad = _write(tmp_path, "bad.yaml", bad_recipe)
+    entry = shlex.split(hook["entry"])
+    if shutil.which(entry[0]) is None:  # venv not activated: same program, by module
+        entry = [sys.executable, "-m", "gptqflow", *entry[1:]]
+    r_ok = subprocess.run([*entry, str(ok)], capture_output=True, text=True)
+    r_bad = subprocess.run([*entry, str(ok), str(bad)], capture_output=True, text=True)
+    assert r_ok.returncode == 0, r_ok.stdout + r_ok.stderr
+    assert r_bad.returncode == 1 and "bad.yaml: stages[5](solve).bits" in r_bad.stdout
