@@ -217,3 +217,18 @@ def test_pre_commit_hook_entry_lints_good_and_bad_files(
     r_bad = subprocess.run([*entry, str(ok), str(bad)], capture_output=True, text=True)
     assert r_ok.returncode == 0, r_ok.stdout + r_ok.stderr
     assert r_bad.returncode == 1 and "bad.yaml: stages[5](solve).bits" in r_bad.stdout
+
+
+def test_did_you_mean_for_misspelt_keys_and_stage_names(good: dict[str, Any]) -> None:
+    bad = copy.deepcopy(good)
+    _stage(bad, "solve")["bitz"] = 3
+    bad["scheme"]["group_sise"] = 64
+    bad["stages"][3]["stage"] = "calibrat"
+    problems = _problems(bad)
+    assert any(
+        "stages[5](solve).bitz: unknown key (value 3) (did you mean 'bits'?)" in p for p in problems
+    )
+    assert any("scheme.group_sise" in p and "did you mean 'group_size'?" in p for p in problems)
+    assert any(
+        "stages[3]: unknown stage 'calibrat' (did you mean 'calibrate'?)" in p for p in problems
+    )

@@ -115,7 +115,7 @@ def _lint_group_option(path: Path, group: str, data: dict[str, Any]) -> list[Pro
     except ValidationError as exc:
         return [
             Problem(p.path, p.message, str(path))
-            for p in problems_from_validation(exc, prefix=group)
+            for p in problems_from_validation(exc, prefix=group, model=schema)
             if not (
                 p.message == "required key is missing" and p.path.split(".")[-1] in required_missing
             )

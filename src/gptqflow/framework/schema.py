@@ -8,6 +8,7 @@ is allowed. After that only typed, frozen objects flow.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
@@ -141,17 +142,29 @@ def _loc_to_path(loc: Iterable[Any]) -> str:
     return out
 
 
-def _describe_error(err: Mapping[str, Any]) -> str:
+def _did_you_mean(word: object, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'bits'?)`` for a near miss, else an empty string."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe_error(err: Mapping[str, Any], fields: Iterable[str] = ()) -> str:
+    """One problem in words; ``fields`` are the keys allowed where an unknown key was found."""
     kind = err.get("type", "")
     given = err.get("input")
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
-        return f"unknown key (value {given!r}); remove it or fix its spelling"
+        key = err["loc"][-1] if err.get("loc") else ""
+        hint = _did_you_mean(key, fields) or "; remove it or fix its spelling"
+        return f"unknown key (value {given!r}){hint}"
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":
         allowed = ", ".join(sorted(registered()))
-        return f"unknown stage {ctx.get('tag')!r}; registered stages: {allowed}"
+        tag = ctx.get("tag")
+        return (
+            f"unknown stage {tag!r}{_did_you_mean(tag, registered())}; registered stages: {allowed}"
+        )
     if kind == "union_tag_not_found":
         return "stage entry has no 'stage:' key naming its stage"
     if kind in ("literal_error", "enum"):
@@ -159,7 +172,25 @@ def _describe_error(err: Mapping[str, Any]) -> str:
     return f"value {given!r}: {err.get('msg')}"
 
 
-def problems_from_validation(exc: ValidationError, prefix: str = "") -> list[Problem]:
+def _fields_at(loc: tuple[Any, ...], model: type[BaseModel] | None) -> list[str]:
+    """The keys allowed in the mapping that holds ``loc[-1]`` (for "did you mean")."""
+    if loc and isinstance(loc[0], str) and loc[0] in registered():
+        return list(registered()[loc[0]].config_cls.model_fields)
+    if model is None:
+        return []
+    node: Any = model
+    for part in loc[:-1]:
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        node = ann
+    return list(node.model_fields)
+
+
+def problems_from_validation(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[Problem]:
     """Pydantic errors as Problems; a stage entry's tag is folded into its path."""
     out = []
     for err in exc.errors():
@@ -169,7 +200,7 @@ def problems_from_validation(exc: ValidationError, prefix: str = "") -> list[Pro
             pre, loc = f"{pre}({loc[0]})", loc[1:]
         path = _loc_to_path(loc)
         full = f"{pre}.{path}" if pre and path else (pre or path or "<root>")
-        out.append(Problem(full, _describe_error(err)))
+        out.append(Problem(full, _describe_error(err, _fields_at(err["loc"], model))))
     return out
 
 
@@ -238,7 +269,11 @@ def validate_recipe(raw: Mapping[str, Any], *, file: str | None = None) -> Recip
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems += [p for p in problems_from_validation(exc) if not p.path.startswith("stages[")]
+        problems += [
+            p
+            for p in problems_from_validation(exc, model=Recipe)
+            if not p.path.startswith("stages[")
+        ]
         recipe = None
     stages_raw = raw.get("stages")
     parsed: list[StageConfig] = []
