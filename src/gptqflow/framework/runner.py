@@ -152,40 +152,41 @@ class Runner:
         with self.clock.measure(ids[0]):
             calibrate.run(state, self.ctx)  # captures the first layer's inputs
         n_layers = calibrate.layer_count(state)  # type: ignore[attr-defined]
-        in_groups = 0.0
         _reset_hwm()
+        # Per-layer totals of the current layer: seconds inside the group stages,
+        # this rank's solve seconds, and the summed GPTQ loss.
+        in_groups = solve_s = loss = 0.0
+        groups = 0
 
         def on_group(step: GroupStep) -> None:
-            nonlocal in_groups
+            nonlocal in_groups, solve_s, loss, groups
+            groups += 1
             t0 = time.perf_counter()
             for sid, stage in rest:
                 t = time.perf_counter()
                 stage.run_step(state, step, self.ctx)
                 self.clock.add(sid, time.perf_counter() - t, 0)
             in_groups += time.perf_counter() - t0
-            self._layer_solve[step.layer_index] = self._layer_solve.get(
-                step.layer_index, 0.0
-            ) + step.solve_seconds.get(self.ctx.rank, 0.0)
-            self._layer_loss[step.layer_index] = self._layer_loss.get(step.layer_index, 0.0) + sum(
-                state.quantized[n].loss for n in step.names
-            )
+            solve_s += step.solve_seconds.get(self.ctx.rank, 0.0)
+            loss += sum(state.quantized[n].loss for n in step.names)
 
-        self._layer_solve: dict[int, float] = {}
-        self._layer_loss: dict[int, float] = {}
         for index in _progress(range(n_layers), state.extra["progress"], "layers"):
-            in_groups = 0.0
+            in_groups = solve_s = loss = 0.0
+            groups = 0
             t = time.perf_counter()
             calibrate.run_layer(state, self.ctx, index, on_group)  # type: ignore[attr-defined]
             layer_s = time.perf_counter() - t
             self.clock.add(ids[0], layer_s - in_groups, 0)
-            self._finish_layer(state, index, layer_s)
+            self._finish_layer(state, index, layer_s, solve_s, loss if groups else math.nan)
         rss = peak_rss()
         for sid in ids:
             self.clock.add(sid, 0.0, rss)
 
-    def _finish_layer(self, state: PipelineState, index: int, seconds: float) -> None:
+    def _finish_layer(
+        self, state: PipelineState, index: int, seconds: float, solve_s: float, loss: float
+    ) -> None:
         """Gather every rank's solve time for the layer: the load imbalance goes in the report."""
-        solve = self.ctx.gather_objects(self._layer_solve.get(index, 0.0))
+        solve = self.ctx.gather_objects(solve_s)
         mean = sum(solve) / len(solve)
         entry = {
             "index": index,
@@ -193,7 +194,7 @@ class Runner:
             "solve_seconds": solve,
             "imbalance": (max(solve) / mean) if mean > 0 else 1.0,
             # GPTQ objective summed over the layer's modules; None unless solve.report_loss.
-            "loss": None if math.isnan(loss := self._layer_loss.get(index, math.nan)) else loss,
+            "loss": None if math.isnan(loss) else loss,
         }
         state.layer_reports.append(entry)
         log.info("layer %d done in %.2fs (imbalance %.3f)", index, seconds, entry["imbalance"])

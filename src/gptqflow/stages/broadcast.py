@@ -23,12 +23,8 @@ import torch
 from gptqflow.framework.distributed import DistContext, Handle
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
-from gptqflow.gptq.quantizer import column_groups, dequantize
-from gptqflow.gptq.types import QuantArgs, QuantResult
-
-
-def _n_groups(cols: int, args: QuantArgs) -> int:
-    return 1 if args.group_size == -1 else cols // args.group_size
+from gptqflow.gptq.quantizer import column_groups, dequantize, effective_group_size
+from gptqflow.gptq.types import QuantResult
 
 
 class BroadcastStage(Stage):
@@ -38,7 +34,7 @@ class BroadcastStage(Stage):
         args = state.quant_args
         assert args is not None, "solve must run before broadcast"
         cols = step.cols
-        ng = _n_groups(cols, args)
+        ng = cols // effective_group_size(cols, args)
         dtype = step.modules[0].weight.dtype
         device = step.modules[0].weight.device
         received: dict[tuple[int, int], list[torch.Tensor]] = {}

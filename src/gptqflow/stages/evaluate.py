@@ -33,7 +33,8 @@ def sharded_perplexity(
     model: torch.nn.Module, windows: torch.Tensor, ctx: DistContext, progress: bool = False
 ) -> float:
     """exp(mean NLL) over ``windows``, each rank evaluating its contiguous share."""
-    mine = windows[ctx.shard(windows.shape[0]).start : ctx.shard(windows.shape[0]).stop]
+    share = ctx.shard(windows.shape[0])
+    mine = windows[share.start : share.stop]
     total = torch.zeros(2, dtype=torch.float64)
     it = mine
     if progress:
