@@ -11,10 +11,15 @@ bad value and what is allowed. Three kinds of YAML file are recognised:
 
 Where the recipe's model directory exists, its ``config.json`` is read (never the
 weights) to check the group size against the real input widths.
+
+Each problem carries the line and column of its key (:mod:`~gptqflow.framework.yamlpos`):
+in the file itself, or for a composed recipe in the file of its defaults list that set
+the key (the message then names the recipe it was composed into).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from gptqflow.framework.schema import (
     problems_from_validation,
     validate_recipe,
 )
+from gptqflow.framework.yamlpos import Source, SourceMap, key_positions
 
 GROUPS: dict[str, type[BaseModel]] = {
     "model": ModelGroup,
@@ -74,7 +80,9 @@ def _load_yaml(path: Path) -> tuple[Any, list[Problem]]:
     try:
         return yaml.safe_load(path.read_text()), []
     except yaml.YAMLError as exc:
-        return None, [Problem("<file>", f"not valid YAML: {exc}", str(path))]
+        mark = getattr(exc, "problem_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        return None, [Problem("<file>", f"not valid YAML: {exc}", str(path), line, col)]
 
 
 def lint_file(path: Path) -> list[Problem]:
@@ -87,10 +95,56 @@ def lint_file(path: Path) -> list[Problem]:
         ]
     group = path.parent.name
     if group in GROUPS and "stages" not in data:
-        return _lint_group_option(path, group, data)
-    if "defaults" in data:
-        return _lint_composed(path)
-    return _lint_resolved(path, data)
+        problems = _lint_group_option(path, group, data)
+        sources = SourceMap.single(path, path.read_text(), package=group)
+    elif "defaults" in data:
+        problems = _lint_composed(path)
+        sources = _composition_sources(path)
+    else:
+        problems = _lint_resolved(path, data)
+        sources = SourceMap.single(path, path.read_text())
+    return [_place(p, sources, path) for p in problems]
+
+
+def _place(problem: Problem, sources: SourceMap, linted: Path) -> Problem:
+    """Attach the file, line and column that set the problem's key, when a file did."""
+    loc = sources.locate(problem.path, missing=problem.message == "required key is missing")
+    if loc is None:
+        return problem
+    message = problem.message
+    if Path(loc.file).resolve() != linted.resolve():
+        message += f" (composed into {linted})"
+    return dataclasses.replace(
+        problem, file=loc.file, line=loc.line, column=loc.column, message=message
+    )
+
+
+def _composition_sources(path: Path) -> SourceMap:
+    """The files Hydra merges for ``path``, in merge order (empty when composition fails).
+
+    Uses Hydra's defaults-list computation (``ConfigLoader.compute_defaults_list``,
+    part of its public ``ConfigLoader`` interface), so ``override`` entries, nested
+    parent recipes and ``_self_`` placement are resolved exactly as the run would.
+    """
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    directory = path.parent
+    try:
+        with initialize_config_dir(config_dir=str(directory.resolve()), version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            defaults = loader.compute_defaults_list(
+                path.stem, ["output_dir=lint-placeholder"], RunMode.RUN
+            ).defaults
+        sources = []
+        for d in defaults:
+            file = directory / f"{d.config_path}.yaml"
+            if d.config_path and file.is_file():
+                sources.append(Source(str(file), d.package or "", key_positions(file.read_text())))
+    except Exception:  # composition errors are reported by _lint_composed already
+        return SourceMap([])
+    return SourceMap(sources)
 
 
 def _lint_group_option(path: Path, group: str, data: dict[str, Any]) -> list[Problem]:

@@ -108,14 +108,23 @@ class Recipe(_Group):
 
 @dataclass(frozen=True)
 class Problem:
-    """One recipe problem: where (key path), what was found, what is allowed."""
+    """One recipe problem: where (key path), what was found, what is allowed.
+
+    ``line``/``column`` (1-based) locate the key in ``file`` when lint could find it
+    there; printed as ``file:line:col:``, the form editors and CI annotations jump to.
+    """
 
     path: str
     message: str
     file: str | None = None
+    line: int | None = None
+    column: int | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}: " if self.file else ""
+        if self.file and self.line is not None:
+            where = f"{self.file}:{self.line}:{self.column}: "
+        else:
+            where = f"{self.file}: " if self.file else ""
         return f"{where}{self.path}: {self.message}"
 
 
