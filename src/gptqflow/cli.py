@@ -1,4 +1,4 @@
-"""``gptqflow``: run | lint | eval | prepare-model | stages (thin: the work lives in framework/).
+"""``gptqflow``: run | lint | eval | prepare-model | schema | plan | report | stages (thin: the work lives in framework/).
 
 Exit codes: 0 success, 1 a problem with the inputs (recipe, files, model) or a
 failed run, 2 a usage error.
@@ -35,6 +35,25 @@ Common overrides (key=value, any number):
 
 Sweeps: gptqflow run -m scheme=w4a16,w3a16 dataset.num_samples=32,128
 Hydra's own flags also work: --cfg job (print the composed recipe), --info.
+"""
+
+
+REPORT_HELP = """\
+Read one run directory or a Hydra multirun sweep (searched recursively for run
+directories: report.json, recipe.yaml or .hydra/) and write, one row per run:
+  report.md              Markdown table: run, status, scheme, bits, group size, actorder,
+                         num_samples, seq_len, world size, perplexity baseline/quantized,
+                         seconds per stage, total seconds, peak RSS (GiB, largest rank), error
+  report.csv             the same table as CSV
+  report-perplexity.png  perplexity against bits (or group size)
+  report-stages.png      stacked seconds per stage, one bar per run
+Failed runs are rows with their error; a run with recipe.yaml but no report.json
+(killed, or still running) is a failed row too.
+
+Example:
+  gptqflow run --config-name smollm2_w4a16 -m scheme=w4a16,w3a16 dataset.num_samples=32,128 \\
+      output_dir=outputs/sweep
+  gptqflow report outputs/sweep
 """
 
 
@@ -131,6 +150,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from gptqflow.framework.report import write_report
+
+    written = write_report(
+        Path(args.dir), Path(args.output) if args.output else None, plots=not args.no_plots
+    )
+    for path in (written.markdown, written.csv, *written.plots):
+        print(path)
+    return 0
+
+
 def cmd_stages(_args: argparse.Namespace) -> int:
     from gptqflow.framework.registry import registered
 
@@ -196,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-model", help="cost-model JSON from bench/fit_cost.py (default: bundled CPU fit)"
     )
     plan.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    rep = sub.add_parser(
+        "report",
+        help="table (Markdown + CSV) and plots of one run or a sweep directory",
+        description=REPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rep.add_argument("dir", metavar="DIR", help="a run's output_dir, or a `gptqflow run -m` sweep")
+    rep.add_argument(
+        "--output",
+        metavar="FILE.md",
+        help="Markdown table to write (default DIR/report.md); the CSV and the PNG plots "
+        "go next to it with the same stem",
+    )
+    rep.add_argument("--no-plots", action="store_true", help="write the tables only")
     sub.add_parser("stages", help="list the registered stages and their fields")
     return p
 
@@ -220,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "prepare-model": cmd_prepare,
             "schema": cmd_schema,
             "plan": cmd_plan,
+            "report": cmd_report,
             "stages": cmd_stages,
         }
         handler = lambda: table[args.command](args)  # noqa: E731

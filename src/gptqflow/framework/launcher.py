@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -63,21 +65,43 @@ def hydra_run(argv: list[str]) -> int:
 
     register_resolvers()
     failures: list[str] = []
+    n_jobs = 0
 
     @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE)
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-        try:
-            run_resolved(to_plain(cfg))
-        except GptqflowError as exc:
-            if not multirun:
+        nonlocal n_jobs
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            try:
+                run_resolved(to_plain(cfg))
+            except GptqflowError as exc:
                 print(f"gptqflow: error: {exc}", file=sys.stderr)
                 raise SystemExit(1) from None
-            log.error("job failed: %s", exc)
-            failures.append(str(exc))
+            return
+        # A sweep attempts every job: a failure (a user error or a bug) is recorded in
+        # the job's report.json and named at the end, never allowed to stop the sweep.
+        n_jobs += 1
+        job_dir = Path(hc.runtime.output_dir)
+        started = time.time()
+        resolved: dict[str, Any] | None = None
+        before: tuple[int, int, int] | None = None
+        try:
+            resolved = to_plain(cfg)
+            before = _file_signature(Path(str(resolved.get("output_dir") or job_dir)))
+            run_resolved(resolved)
+        except Exception as exc:
+            if isinstance(exc, GptqflowError):
+                log.error("job failed: %s", exc)
+            else:
+                log.exception("job failed")
+            out = Path(str(resolved.get("output_dir") or job_dir)) if resolved else job_dir
+            text = _failure_text(exc)
+            _record_failure(out, resolved, text, started, before)
+            overrides = " ".join(hc.overrides.task)
+            failures.append(f"{out} ({overrides}): {text.splitlines()[0] if text else ''}")
 
     saved = sys.argv
     sys.argv = ["gptqflow-run", *_place_hydra_dirs(argv), "hydra.job.name=run"]
@@ -86,9 +110,81 @@ def hydra_run(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     if failures:
-        print(f"gptqflow: {len(failures)} job(s) of the sweep failed", file=sys.stderr)
+        lines = "\n".join(f"  {f}" for f in failures)
+        print(
+            f"gptqflow: {len(failures)} of {n_jobs} run(s) of the sweep failed "
+            f"(each has a report.json with the error):\n{lines}",
+            file=sys.stderr,
+        )
         return 1
     return 0
+
+
+def _failure_text(exc: BaseException) -> str:
+    if isinstance(exc, GptqflowError):
+        return str(exc)
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _file_signature(run_dir: Path) -> tuple[int, int, int] | None:
+    """Identity of ``run_dir/report.json`` now (None: absent), to tell a new one from an old one."""
+    try:
+        st = (run_dir / "report.json").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _record_failure(
+    out: Path,
+    resolved: dict[str, Any] | None,
+    error: str,
+    started: float,
+    before: tuple[int, int, int] | None,
+) -> None:
+    """Make sure a failed sweep job leaves a ``report.json`` that says why.
+
+    The runner writes one itself when the failure happens inside the run; a failure
+    before it (validation, pre-flight, a missing file, composition) has none, so a
+    failed report with the recipe's settings is written here. An older report is
+    kept only when it describes a successful run whose files are still there (e.g.
+    pre-flight refused to overwrite its checkpoint): nothing of that run was touched.
+    """
+    target = out / "report.json"
+    if target.is_file():
+        if _file_signature(out) != before:
+            return  # written (atomically, so a new file) by this job's runner
+        try:
+            if json.loads(target.read_text()).get("status") == "ok":
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    scheme = (resolved or {}).get("scheme") or {}
+    dataset = (resolved or {}).get("dataset") or {}
+    runtime = (resolved or {}).get("runtime") or {}
+    report: dict[str, Any] = {
+        "status": "failed",
+        "error": error,
+        "world_size": runtime.get("nproc_per_node"),
+        "scheme": scheme.get("name"),
+        "bits": scheme.get("bits"),
+        "group_size": scheme.get("group_size"),
+        "symmetric": scheme.get("symmetric"),
+        "actorder": scheme.get("actorder"),
+        "num_samples": dataset.get("num_samples"),
+        "seq_len": dataset.get("seq_len"),
+        "model": ((resolved or {}).get("model") or {}).get("path"),
+        "seconds": time.time() - started,
+        "stages": {},
+        "perplexity": {"baseline": None, "quantized": None},
+        "checkpoint": None,
+        "layers": [],
+        "ranks": [],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".report.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, target)
 
 
 def _place_hydra_dirs(argv: list[str]) -> list[str]:
