@@ -61,3 +61,10 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
     """A seeded 2-layer Llama (hidden 128, intermediate 256) plus tokenizer, safetensors."""
     out = tmp_path_factory.mktemp("tiny_llama")
     return make_tiny_llama(out, tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """The tiny Llama with 3 decoder layers: a crash after layer 1 leaves work before and after."""
+    out = tmp_path_factory.mktemp("tiny_llama3")
+    return make_tiny_llama(out, tiny_tokenizer_dir, num_hidden_layers=3)

@@ -30,6 +30,7 @@ from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.logs import configure_logging
 from gptqflow.framework.registry import Stage, build_stage
+from gptqflow.framework.resume import ResumePoints
 from gptqflow.framework.schema import LAYER_LOOP, Recipe
 from gptqflow.framework.state import GroupStep, PipelineState
 
@@ -99,6 +100,7 @@ class Runner:
         self.stages = [build_stage(c) for c in recipe.stages]
         self.clock = StageClock()
         self.output_dir = Path(recipe.output_dir)
+        self.resume = ResumePoints(self.output_dir, recipe, ctx)
         self.state: PipelineState | None = None  # kept after run() for inspection and tests
 
     # -------------------------------------------------------------- entry point
@@ -121,7 +123,9 @@ class Runner:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
+            self.resume.open()  # refuses a resume point of another recipe before any work
             self._run_stages(state)
+            self.resume.finish()  # the run is complete: its resume points are not needed
         except BaseException as exc:
             error = exc
             raise
@@ -141,6 +145,10 @@ class Runner:
                 self._run_layer_loop(state, self.stages[i : i + n], self.ids[i : i + n])
                 i += n
                 continue
+            if self.resume.replaces(self.recipe.stages[i].stage, state):
+                log.info("stage %s: result restored from the resume point", self.ids[i])
+                i += 1
+                continue
             log.info("stage %s", self.ids[i])
             with self.clock.measure(self.ids[i]):
                 self.stages[i].run(state, self.ctx)
@@ -152,6 +160,7 @@ class Runner:
         with self.clock.measure(ids[0]):
             calibrate.run(state, self.ctx)  # captures the first layer's inputs
         n_layers = calibrate.layer_count(state)  # type: ignore[attr-defined]
+        first = self.resume.restore(state, n_layers)  # 0 unless resuming
         _reset_hwm()
         # Per-layer totals of the current layer: seconds inside the group stages,
         # this rank's solve seconds, and the summed GPTQ loss.
@@ -170,7 +179,7 @@ class Runner:
             solve_s += step.solve_seconds.get(self.ctx.rank, 0.0)
             loss += sum(state.quantized[n].loss for n in step.names)
 
-        for index in _progress(range(n_layers), state.extra["progress"], "layers"):
+        for index in _progress(range(first, n_layers), state.extra["progress"], "layers"):
             in_groups = solve_s = loss = 0.0
             groups = 0
             t = time.perf_counter()
@@ -178,6 +187,9 @@ class Runner:
             layer_s = time.perf_counter() - t
             self.clock.add(ids[0], layer_s - in_groups, 0)
             self._finish_layer(state, index, layer_s, solve_s, loss if groups else math.nan)
+            self.resume.after_layer(state, index + 1, n_layers)
+        if self.resume.write_seconds:
+            self.clock.add("resume-point", self.resume.write_seconds, 0)
         rss = peak_rss()
         for sid in ids:
             self.clock.add(sid, 0.0, rss)

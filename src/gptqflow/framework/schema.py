@@ -81,6 +81,18 @@ class RuntimeGroup(_Group):
     )
     progress: bool = Field(True, description="Progress bars on rank 0 when stdout is a terminal.")
     timeout_s: float = Field(600.0, gt=0, description="Collective timeout, seconds.")
+    checkpoint_every: int | None = Field(
+        None,
+        ge=0,
+        description="Write a resume point to output_dir/resume/ after every K decoder layers; "
+        "0 = never; null = auto (every ceil(layers/8) layers when the model has more than 4).",
+        json_schema_extra={"unit": "layers"},
+    )
+    resume: bool = Field(
+        False,
+        description="Continue an interrupted run from its last resume point in output_dir "
+        "(same recipe and world size).",
+    )
 
 
 class Recipe(_Group):
