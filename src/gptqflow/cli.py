@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from gptqflow.framework.errors import GptqflowError
 
@@ -161,19 +160,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stages(_args: argparse.Namespace) -> int:
-    from gptqflow.framework.registry import registered
+def cmd_stages(args: argparse.Namespace) -> int:
+    from gptqflow.framework.stagedoc import render_markdown, render_text
 
-    for name, spec in registered().items():
-        doc = (spec.config_cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name}  ({spec.phase} stage): {doc}")
-        for field, info in spec.config_cls.model_fields.items():
-            if field in ("stage", "id"):
-                continue
-            default: Any = (
-                "required" if info.is_required() else info.get_default(call_default_factory=True)
-            )
-            print(f"    {field} = {default!r}: {info.description or ''}")
+    print(render_markdown() if args.format == "markdown" else render_text(), end="")
     return 0
 
 
@@ -240,7 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
         "go next to it with the same stem",
     )
     rep.add_argument("--no-plots", action="store_true", help="write the tables only")
-    sub.add_parser("stages", help="list the registered stages and their fields")
+    stages = sub.add_parser(
+        "stages", help="the registered stages and config groups: fields, defaults, units"
+    )
+    stages.add_argument(
+        "--format",
+        choices=("text", "markdown"),
+        default="text",
+        help="markdown: the reference docs/stages.md is generated from",
+    )
     return p
 
 

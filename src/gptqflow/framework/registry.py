@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from gptqflow.framework.distributed import DistContext
@@ -25,7 +25,11 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     stage: str
-    id: str | None = None  # report key; defaults to the stage name (``name#2`` when repeated)
+    id: str | None = Field(
+        None,
+        description="Key of this entry in report.json; null = the stage name (name#2, name#3 "
+        "when repeated).",
+    )
 
     # The phase tells the runner where the stage runs: once for the whole model, or
     # inside the per-layer loop (once per group of modules that share an input).

@@ -41,21 +41,37 @@ class DatasetGroup(_Group):
 
     calibration_file: str = Field(description="Plain-text calibration file.")
     eval_file: str = Field(description="Plain-text evaluation file (perplexity).")
-    num_samples: int = Field(128, ge=1, description="Calibration sequences.")
-    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence / eval window.")
-    eval_tokens: int = Field(
-        40960, ge=0, description="Eval tokens (first T of the file); 0 skips evaluation."
+    num_samples: int = Field(
+        128, ge=1, description="Calibration sequences.", json_schema_extra={"unit": "sequences"}
     )
-    seed: int = Field(0, description="Seed of the calibration window selection.")
+    seq_len: int = Field(
+        512,
+        ge=8,
+        description="Tokens per calibration sequence / eval window.",
+        json_schema_extra={"unit": "tokens"},
+    )
+    eval_tokens: int = Field(
+        40960,
+        ge=0,
+        description="Eval tokens (first T of the file); 0 skips evaluation.",
+        json_schema_extra={"unit": "tokens"},
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the calibration window selection.",
+        json_schema_extra={"unit": None},
+    )
 
 
 class SchemeGroup(_Group):
     """``scheme.*``: the weight quantization scheme."""
 
     name: str = Field(description="Scheme name written to the report (e.g. w4a16).")
-    bits: Bits = Field(4, description="Bits per weight.")
+    bits: Bits = Field(4, description="Bits per weight.", json_schema_extra={"unit": "bits"})
     group_size: GroupSize = Field(
-        128, description="Input columns per scale; -1 = one per output channel."
+        128,
+        description="Input columns per scale; -1 = one per output channel.",
+        json_schema_extra={"unit": "columns"},
     )
     symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
     actorder: ActOrderName = Field(
@@ -69,7 +85,12 @@ class SchemeGroup(_Group):
 class RuntimeGroup(_Group):
     """``runtime.*``: how and where the pipeline runs."""
 
-    nproc_per_node: int = Field(1, ge=1, description="Ranks on this machine (1 = one process).")
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        description="Ranks on this machine (1 = one process).",
+        json_schema_extra={"unit": "ranks"},
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="auto: nccl on CUDA, gloo on CPU."
     )
@@ -77,10 +98,18 @@ class RuntimeGroup(_Group):
         "auto", description="Execution device for each layer."
     )
     num_threads: int | None = Field(
-        None, ge=1, description="torch threads per rank (None: torch default)."
+        None,
+        ge=1,
+        description="torch threads per rank (null: torch default).",
+        json_schema_extra={"unit": "threads"},
     )
     progress: bool = Field(True, description="Progress bars on rank 0 when stdout is a terminal.")
-    timeout_s: float = Field(600.0, gt=0, description="Collective timeout, seconds.")
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Timeout of every collective.",
+        json_schema_extra={"unit": "seconds"},
+    )
     checkpoint_every: int | None = Field(
         None,
         ge=0,
@@ -100,7 +129,7 @@ class Recipe(_Group):
 
     output_dir: str = Field(description="Run directory: checkpoint, recipe.yaml, report.json.")
     overwrite: bool = Field(False, description="Replace an existing checkpoint in output_dir.")
-    seed: int = Field(0, description="Global seed.")
+    seed: int = Field(0, description="Global seed.", json_schema_extra={"unit": None})
     model: ModelGroup
     dataset: DatasetGroup
     scheme: SchemeGroup

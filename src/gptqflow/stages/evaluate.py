@@ -101,6 +101,14 @@ class EvaluateConfig(StageConfig):
     stage: Literal["evaluate"] = "evaluate"
     eval_file: str = Field(description="Plain UTF-8 text to measure perplexity on.")
     max_tokens: int = Field(
-        40960, ge=0, description="Tokens evaluated (first T of the file); 0 skips."
+        40960,
+        ge=0,
+        description="Tokens evaluated (first T of the file); 0 skips.",
+        json_schema_extra={"unit": "tokens"},
     )
-    seq_len: int = Field(512, ge=2, description="Tokens per non-overlapping window.")
+    seq_len: int = Field(
+        512,
+        ge=2,
+        description="Tokens per non-overlapping window.",
+        json_schema_extra={"unit": "tokens"},
+    )

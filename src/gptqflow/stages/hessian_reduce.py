@@ -95,4 +95,5 @@ class HessianReduceConfig(StageConfig):
         64,
         ge=1,
         description="planner=even: a group is split over at most rows/min_rows_per_rank ranks.",
+        json_schema_extra={"unit": "rows"},
     )

@@ -52,6 +52,18 @@ class PartitionConfig(StageConfig):
 
     stage: Literal["partition"] = "partition"
     calibration_file: str = Field(description="Plain UTF-8 text to calibrate on.")
-    num_samples: int = Field(128, ge=1, description="Calibration sequences in total (all ranks).")
-    seq_len: int = Field(512, ge=8, description="Tokens per calibration sequence.")
-    seed: int = Field(0, description="Seed of the window selection.")
+    num_samples: int = Field(
+        128,
+        ge=1,
+        description="Calibration sequences in total (all ranks).",
+        json_schema_extra={"unit": "sequences"},
+    )
+    seq_len: int = Field(
+        512,
+        ge=8,
+        description="Tokens per calibration sequence.",
+        json_schema_extra={"unit": "tokens"},
+    )
+    seed: int = Field(
+        0, description="Seed of the window selection.", json_schema_extra={"unit": None}
+    )

@@ -106,21 +106,37 @@ class SolveConfig(StageConfig):
     method: Literal["gptq", "rtn"] = Field(
         "gptq", description="gptq, or rtn (round-to-nearest baseline)."
     )
-    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    bits: Literal[2, 3, 4, 8] = Field(
+        4, description="Bits per weight.", json_schema_extra={"unit": "bits"}
+    )
     group_size: Literal[-1, 32, 64, 128, 256] = Field(
-        128, description="Input columns sharing one scale; -1 = one scale per output channel."
+        128,
+        description="Input columns sharing one scale; -1 = one scale per output channel.",
+        json_schema_extra={"unit": "columns"},
     )
     symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
     actorder: Literal["none", "static", "group"] = Field(
         "static",
         description="Sweep columns by decreasing Hessian diagonal; group = groups follow it (g_idx).",
     )
-    block_size: int = Field(128, ge=1, description="Columns per lazy-batch block of the sweep.")
+    block_size: int = Field(
+        128,
+        ge=1,
+        description="Columns per lazy-batch block of the sweep.",
+        json_schema_extra={"unit": "columns"},
+    )
     dampening: float = Field(
-        0.01, gt=0, lt=1, description="Added to the Hessian diagonal, as a fraction of its mean."
+        0.01,
+        gt=0,
+        lt=1,
+        description="Added to the Hessian diagonal, as a fraction of its mean.",
+        json_schema_extra={"unit": "fraction of mean diagonal"},
     )
     max_damp_retries: int = Field(
-        6, ge=0, description="Cholesky retries, each with 10x the dampening."
+        6,
+        ge=0,
+        description="Cholesky retries, each with 10x the dampening.",
+        json_schema_extra={"unit": "retries"},
     )
     observer: Literal["minmax", "mse"] = Field(
         "mse",
