@@ -29,6 +29,7 @@ import yaml
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.logs import configure_logging
+from gptqflow.framework.progress import LayerProgress, calibration_tokens, progress_enabled
 from gptqflow.framework.registry import Stage, build_stage
 from gptqflow.framework.resume import ResumePoints
 from gptqflow.framework.schema import LAYER_LOOP, Recipe
@@ -119,7 +120,7 @@ class Runner:
             torch.set_num_threads(rt.num_threads)
         torch.manual_seed(self.recipe.seed)
         state = self.state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
-        state.extra["progress"] = bool(rt.progress and ctx.is_main and sys.stderr.isatty())
+        state.extra["progress"] = progress_enabled(rt.progress, ctx.is_main)
         start = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -179,7 +180,9 @@ class Runner:
             solve_s += step.solve_seconds.get(self.ctx.rank, 0.0)
             loss += sum(state.quantized[n].loss for n in step.names)
 
-        for index in _progress(range(first, n_layers), state.extra["progress"], "layers"):
+        tokens = calibration_tokens(self.recipe)
+        bar = LayerProgress(range(first, n_layers), n_layers, state.extra["progress"], tokens)
+        for index in bar:
             in_groups = solve_s = loss = 0.0
             groups = 0
             t = time.perf_counter()
@@ -187,6 +190,7 @@ class Runner:
             layer_s = time.perf_counter() - t
             self.clock.add(ids[0], layer_s - in_groups, 0)
             self._finish_layer(state, index, layer_s, solve_s, loss if groups else math.nan)
+            bar.layer_done(layer_s)
             self.resume.after_layer(state, index + 1, n_layers)
         if self.resume.write_seconds:
             self.clock.add("resume-point", self.resume.write_seconds, 0)
@@ -209,7 +213,14 @@ class Runner:
             "loss": None if math.isnan(loss) else loss,
         }
         state.layer_reports.append(entry)
-        log.info("layer %d done in %.2fs (imbalance %.3f)", index, seconds, entry["imbalance"])
+        log.info(
+            "layer %d done (%d/%d) in %.2fs (imbalance %.3f)",
+            index,
+            index + 1,
+            len(state.layers),
+            seconds,
+            entry["imbalance"],
+        )
 
     # -------------------------------------------------------------- report
     def _report(
@@ -219,6 +230,12 @@ class Runner:
         # largest stage peak (the current mark alone covers only the last stage).
         peak = max([peak_rss(), *(int(s["peak_rss_bytes"]) for s in self.clock.stats.values())])
         mine = {"rank": self.ctx.rank, "stages": self.clock.stats, "peak_rss_bytes": peak}
+        # Calibration tokens of this rank (its samples x seq_len) once a layer used them.
+        mine["tokens_calibrated"] = (
+            int(state.samples.numel())
+            if state.samples is not None and state.extra.get("tokens_calibrated")
+            else 0
+        )
         try:
             ranks = self.ctx.gather_objects(mine) if error is None else [mine]
         except Exception:  # a peer is gone: report what this rank knows
@@ -235,6 +252,7 @@ class Runner:
             "actorder": r.scheme.actorder,
             "num_samples": r.dataset.num_samples,
             "seq_len": r.dataset.seq_len,
+            "tokens_calibrated": sum(int(x.get("tokens_calibrated", 0)) for x in ranks),
             "model": r.model.path,
             "seconds": seconds,
             "stages": self.clock.stats,
@@ -260,6 +278,7 @@ def format_summary(report: dict[str, Any]) -> str:
             f"  checkpoint:  {report['checkpoint'] or '(not saved)'}",
             f"  perplexity:  baseline {fmt(ppl['baseline'])} -> quantized {fmt(ppl['quantized'])}",
             f"  stages:      {stages}",
+            f"  calibrated:  {report.get('tokens_calibrated', 0):,} tokens (all ranks)",
             f"  peak memory: {peak:.2f} GiB (largest rank)",
         ]
     )
@@ -269,14 +288,6 @@ def _error_text(error: BaseException) -> str:
     if isinstance(error, GptqflowError):
         return str(error)
     return "".join(traceback.format_exception_only(type(error), error)).strip()
-
-
-def _progress(it: range, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, unit="layer")
 
 
 def _recipe_yaml(resolved: dict[str, Any]) -> str:
