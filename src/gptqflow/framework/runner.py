@@ -167,6 +167,7 @@ class Runner:
         # this rank's solve seconds, and the summed GPTQ loss.
         in_groups = solve_s = loss = 0.0
         groups = 0
+        shared: list[str] = []  # groups whose factorisation every rank shared
 
         def on_group(step: GroupStep) -> None:
             nonlocal in_groups, solve_s, loss, groups
@@ -179,17 +180,21 @@ class Runner:
             in_groups += time.perf_counter() - t0
             solve_s += step.solve_seconds.get(self.ctx.rank, 0.0)
             loss += sum(state.quantized[n].loss for n in step.names)
+            if step.shared_factor:
+                shared.append("+".join(n.rsplit(".", 1)[-1] for n in step.names))
 
         tokens = calibration_tokens(self.recipe)
         bar = LayerProgress(range(first, n_layers), n_layers, state.extra["progress"], tokens)
         for index in bar:
             in_groups = solve_s = loss = 0.0
             groups = 0
+            shared.clear()
             t = time.perf_counter()
             calibrate.run_layer(state, self.ctx, index, on_group)  # type: ignore[attr-defined]
             layer_s = time.perf_counter() - t
             self.clock.add(ids[0], layer_s - in_groups, 0)
             self._finish_layer(state, index, layer_s, solve_s, loss if groups else math.nan)
+            state.layer_reports[-1]["shared_factor"] = list(shared)
             bar.layer_done(layer_s)
             self.resume.after_layer(state, index + 1, n_layers)
         if self.resume.write_seconds:

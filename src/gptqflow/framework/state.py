@@ -31,6 +31,9 @@ class GroupStep:
     modules: list[nn.Linear]
     hessian: HessianSum
     plan: list[RowSlice] = field(default_factory=list)
+    # Every rank takes part in the factorisation (see gptqflow.gptq.plan), not only
+    # the ranks with rows.
+    shared_factor: bool = False
     full_hessian: torch.Tensor | None = None  # float32, divided by the token count
     results: dict[tuple[int, int], QuantResult] = field(
         default_factory=dict

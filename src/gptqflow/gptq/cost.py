@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from gptqflow.gptq.cholesky import FACTOR_BLOCK
+
 __all__ = [
     "CostModel",
     "fit_nonnegative",
@@ -91,6 +93,29 @@ class CostModel:
         c = float(cols)
         return (
             self.factor_overhead_s + self.factor_s_per_col2 * c * c + self.factor_s_per_col3 * c**3
+        )
+
+    def shared_factor_seconds(self, cols: int, ranks: int) -> float:
+        """A factorisation shared by ``ranks`` ranks (:mod:`gptqflow.gptq.cholesky`), per rank.
+
+        The ``cols³`` flops are split evenly (panels are owned round-robin); the
+        ``cols²`` and fixed terms are not; and every panel is broadcast once:
+        ``ceil(cols / FACTOR_BLOCK)`` messages, float32 lower panels in all. The
+        broadcasts overlap the updates in the pipeline, but are counted in full so
+        the planner only shares where it clearly pays. At one rank this is
+        :meth:`factor_seconds`.
+        """
+        if ranks <= 1:
+            return self.factor_seconds(cols)
+        c = float(cols)
+        panels = math.ceil(cols / FACTOR_BLOCK)
+        panel_bytes = 4 * cols * (cols + FACTOR_BLOCK) // 2
+        return (
+            self.factor_overhead_s
+            + self.factor_s_per_col2 * c * c
+            + self.factor_s_per_col3 * c**3 / ranks
+            + panels * math.ceil(math.log2(ranks)) * self.latency_s
+            + panel_bytes / self.bytes_per_s
         )
 
     def sweep_seconds(self, rows: int, cols: int) -> float:

@@ -1,13 +1,25 @@
 """Who solves what: a pure function of module shapes, the cost model and the world size.
 
-GPTQ treats every output row independently once the inverse-Hessian factor is
-known, so the unit of work is a slice of rows of a module. A group of modules that
-share one Hessian (q/k/v; gate/up) is planned as one block of ``sum(rows)`` rows.
-Every rank that gets rows factorises the Hessian itself, redundantly: the factor is
-``cols²`` floats, as big as the Hessian, so sending it would cost another Hessian's
-worth of traffic and a wait for its owner, for a result every rank can compute in
-the same time it would spend waiting. That factorisation is the price of taking
-part, which is what decides how many ranks should.
+GPTQ treats every output row independently once the Hessian's factor is known, so
+the unit of work is a slice of rows of a module. A group of modules that share one
+Hessian (q/k/v; gate/up) is planned as one block of ``sum(rows)`` rows.
+
+Every rank that solves rows needs the whole factor, and there are two ways to get it
+(the plan picks the faster for each group, from the cost model):
+
+* **local**: each rank that gets rows factorises the Hessian itself, redundantly.
+  Nothing travels, and ranks without rows do nothing. Best for narrow Hessians,
+  where a factorisation costs less than the messages a shared one needs.
+* **shared**: every rank takes part in one blocked factorisation
+  (:mod:`gptqflow.gptq.cholesky`): panels are factorised round-robin and
+  broadcast as they finish, so each rank does ``1/world_size`` of the flops and
+  receives the rest. Best for wide Hessians (``down_proj``), whose factorisation
+  would otherwise sit, whole, on every rank's critical path.
+
+Both give the same bit-identical factor, so the choice never changes the result.
+Sending a finished factor from one owner instead was rejected: it is ``cols²``
+floats, as many bytes as the shared factorisation moves, but with all the flops on
+one rank.
 
 Two planners:
 
@@ -18,6 +30,8 @@ Two planners:
   so a slice that straddles two modules costs more than the rows alone); the cuts
   minimise the largest predicted rank time, and the smallest number of ranks whose
   time is within ``tolerance`` of the best is used, so tiny groups stay on few ranks.
+  :func:`plan_solve` runs it for a local and for a shared factorisation and keeps
+  the faster.
 
 For comparison, :func:`balance_by_columns` is the llm-compressor style balancer
 (whole modules of a layer, packed by column count, one Hessian per module), and
@@ -43,10 +57,12 @@ __all__ = [
     "LayerPrediction",
     "Planner",
     "RowSlice",
+    "SolvePlan",
     "balance_by_columns",
     "layer_prediction",
     "plan_digest",
     "plan_group",
+    "plan_solve",
     "rank_seconds",
     "split_rows",
 ]
@@ -96,23 +112,79 @@ def split_rows(rows: list[int], world_size: int, min_rows: int = 1) -> list[RowS
 
 # ---------------------------------------------------------------------- cost-based planner
 def rank_seconds(
-    slices: Sequence[RowSlice], cols: int, cost: CostModel, world_size: int
+    slices: Sequence[RowSlice],
+    cols: int,
+    cost: CostModel,
+    world_size: int,
+    *,
+    shared_factor: bool = False,
 ) -> list[float]:
-    """Predicted solve seconds of every rank for one group's plan (0 for ranks without rows).
+    """Predicted solve seconds of every rank for one group's plan.
 
-    What the solve stage does: one factorisation per rank that has rows, then one
+    What the solve stage does: the factorisation (local: once on every rank that has
+    rows, ranks without rows idle at 0; shared: every rank takes part), then one
     :func:`solve_rows` call per slice.
     """
     out = [0.0] * world_size
-    for r in sorted({s.rank for s in slices}):
-        out[r] = cost.factor_seconds(cols)
+    if shared_factor:
+        out = [cost.shared_factor_seconds(cols, world_size)] * world_size
+    else:
+        for r in sorted({s.rank for s in slices}):
+            out[r] = cost.factor_seconds(cols)
     for s in slices:
         out[s.rank] += cost.sweep_seconds(s.rows, cols)
     return out
 
 
+@dataclass(frozen=True)
+class SolvePlan:
+    """One group's plan: who solves which rows, and whether the factorisation is shared.
+
+    ``seconds``: the slowest rank's predicted solve time.
+    """
+
+    slices: tuple[RowSlice, ...]
+    shared_factor: bool
+    seconds: float
+
+
+def plan_solve(
+    rows: Sequence[int],
+    cols: int,
+    world_size: int,
+    cost: CostModel,
+    *,
+    tolerance: float = 0.0,
+    align: int = 1,
+) -> SolvePlan:
+    """The faster of a local and a shared factorisation, each with its best row cuts.
+
+    A shared factorisation involves every rank, so only the cuts change with it:
+    every rank pays the same shared factor time, and the rows are balanced on top.
+    Ties go to local (no messages).
+    """
+    local = plan_group(rows, cols, world_size, cost, tolerance=tolerance, align=align)
+    best = SolvePlan(tuple(local), False, max(rank_seconds(local, cols, cost, world_size)))
+    if world_size > 1 and local:
+        shared_s = cost.shared_factor_seconds(cols, world_size)
+        if shared_s < cost.factor_seconds(cols):
+            cuts = plan_group(
+                rows, cols, world_size, cost, tolerance=tolerance, align=align, factor_s=shared_s
+            )
+            t = max(rank_seconds(cuts, cols, cost, world_size, shared_factor=True))
+            if t < best.seconds:
+                best = SolvePlan(tuple(cuts), True, t)
+    return best
+
+
 def _fill(
-    rows: Sequence[int], cols: int, cost: CostModel, budget: float, max_ranks: int, align: int
+    rows: Sequence[int],
+    cols: int,
+    cost: CostModel,
+    budget: float,
+    max_ranks: int,
+    align: int,
+    factor: float,
 ) -> list[RowSlice] | None:
     """Give ranks 0, 1, ... as many rows (in order) as fit in ``budget`` seconds each.
 
@@ -120,8 +192,8 @@ def _fill(
     contiguous cuts this greedy fill uses the fewest ranks any plan can use within
     the budget, because a rank's cost never decreases when its range is extended.
     Cuts inside a module fall on multiples of ``align`` rows (module ends are always cuts).
+    ``factor``: the seconds every rank with rows pays before its sweeps.
     """
-    factor = cost.factor_seconds(cols)
     out: list[RowSlice] = []
     rank, m, pos = 0, 0, 0
     while m < len(rows):
@@ -154,17 +226,17 @@ def _fill(
 
 
 def _min_budget(
-    rows: Sequence[int], cols: int, cost: CostModel, max_ranks: int, align: int
+    rows: Sequence[int], cols: int, cost: CostModel, max_ranks: int, align: int, factor: float
 ) -> float:
     """The smallest per-rank time with which ``max_ranks`` ranks cover every row (bisection)."""
-    lo = cost.factor_seconds(cols)
+    lo = factor
     hi = lo + sum(cost.sweep_seconds(n, cols) for n in rows)  # one rank does it all
     hi *= 1 + 1e-9  # so that hi is feasible despite rounding in the fill
     for _ in range(200):
         if hi - lo <= 1e-9 * hi:
             break
         mid = (lo + hi) / 2
-        if _fill(rows, cols, cost, mid, max_ranks, align) is None:
+        if _fill(rows, cols, cost, mid, max_ranks, align, factor) is None:
             lo = mid
         else:
             hi = mid
@@ -179,6 +251,7 @@ def plan_group(
     *,
     tolerance: float = 0.0,
     align: int = 1,
+    factor_s: float | None = None,
 ) -> list[RowSlice]:
     """Contiguous row slices for one group that minimise the slowest rank's predicted time.
 
@@ -188,6 +261,8 @@ def plan_group(
     would shave off less than ``tolerance`` of the time only adds a factorisation,
     a broadcast and a Hessian it must hold), and their cuts are balanced again.
     Ranks ``0..k-1`` take part, in row order. Every row is assigned exactly once.
+    ``factor_s``: what each rank with rows pays for the factorisation (default: a
+    local one, :meth:`CostModel.factor_seconds`).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -198,12 +273,13 @@ def plan_group(
     rows = list(rows)
     if sum(rows) == 0:
         return []
-    best = _min_budget(rows, cols, cost, world_size, align)
-    relaxed = _fill(rows, cols, cost, best * (1 + tolerance), world_size, align)
+    factor = cost.factor_seconds(cols) if factor_s is None else factor_s
+    best = _min_budget(rows, cols, cost, world_size, align, factor)
+    relaxed = _fill(rows, cols, cost, best * (1 + tolerance), world_size, align, factor)
     assert relaxed is not None
     ranks = max(s.rank for s in relaxed) + 1
-    budget = _min_budget(rows, cols, cost, ranks, align)
-    plan = _fill(rows, cols, cost, budget, ranks, align)
+    budget = _min_budget(rows, cols, cost, ranks, align, factor)
+    plan = _fill(rows, cols, cost, budget, ranks, align, factor)
     assert plan is not None
     _check_cover(plan, rows)
     return plan
@@ -266,8 +342,9 @@ class GroupPrediction:
     cols: int
     ranks: int
     seconds: float  # slowest rank
-    factor_seconds: float
+    factor_seconds: float  # of the factorisation the plan uses (shared: each rank's share)
     single_rank_seconds: float
+    shared_factor: bool = False
 
 
 @dataclass(frozen=True)
@@ -326,7 +403,7 @@ def layer_prediction(
 ) -> LayerPrediction:
     """Predict one layer's solve at ``world_size`` ranks with ``planner``.
 
-    ``cost``: :func:`plan_group` per group; ``even``: :func:`split_rows` per group
+    ``cost``: :func:`plan_solve` per group; ``even``: :func:`split_rows` per group
     (the previous planner); ``columns``: :func:`balance_by_columns` over all the
     layer's modules, each solved whole with its own Hessian and factorisation.
     """
@@ -340,11 +417,13 @@ def layer_prediction(
     comm = 0.0
     out: list[GroupPrediction] = []
     for g in groups:
+        shared = False
         if planner == "cost":
-            plan = plan_group(g.rows, g.cols, world_size, cost, tolerance=tolerance)
+            solve = plan_solve(g.rows, g.cols, world_size, cost, tolerance=tolerance)
+            plan, shared = list(solve.slices), solve.shared_factor
         else:
             plan = split_rows(list(g.rows), world_size)
-        times = rank_seconds(plan, g.cols, cost, world_size)
+        times = rank_seconds(plan, g.cols, cost, world_size, shared_factor=shared)
         one = rank_seconds(split_rows(list(g.rows), 1), g.cols, cost, 1)[0]
         busy = [a + b for a, b in zip(busy, times)]
         seconds += max(times)
@@ -354,6 +433,7 @@ def layer_prediction(
         h_bytes += hb
         q_bytes += qb
         comm += cost.allreduce_seconds(hb, world_size)
+        # (a shared factorisation's panel broadcasts are inside its factor time)
         comm += sum(
             cost.broadcast_seconds(
                 qparam_bytes(s.rows, g.cols, group_size, scale_bytes), world_size
@@ -361,9 +441,14 @@ def layer_prediction(
             for s in plan
         )
         ranks = len({s.rank for s in plan})
+        factor = (
+            cost.shared_factor_seconds(g.cols, world_size)
+            if shared
+            else cost.factor_seconds(g.cols)
+        )
         out.append(
             GroupPrediction(
-                g.names, sum(g.rows), g.cols, ranks, max(times), cost.factor_seconds(g.cols), one
+                g.names, sum(g.rows), g.cols, ranks, max(times), factor, one, shared_factor=shared
             )
         )
     return LayerPrediction(

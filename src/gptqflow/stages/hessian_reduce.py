@@ -2,8 +2,9 @@
 
 Consumes: ``step.hessian`` (this rank's float64 sum and token count).
 Produces: ``step.plan`` (row slices per rank, from the cost model: see
-:mod:`gptqflow.gptq.plan`) and ``step.full_hessian`` (float32,
-the global sum divided by the global token count) on every rank the plan uses.
+:mod:`gptqflow.gptq.plan`), ``step.shared_factor`` (whether every rank takes part
+in the group's factorisation) and ``step.full_hessian`` (float32, the global sum
+divided by the global token count) on every rank.
 Collectives: one asynchronous all-reduce of the sum and one of the token count,
 both issued before either is waited on. At world size 1 they are no-ops.
 
@@ -30,7 +31,7 @@ from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.hessian import HessianSum
-from gptqflow.gptq.plan import plan_group, split_rows
+from gptqflow.gptq.plan import plan_solve, split_rows
 
 
 class HessianReduceStage(Stage):
@@ -60,7 +61,8 @@ class HessianReduceStage(Stage):
 
     def run_step(self, state: PipelineState, step: GroupStep, ctx: DistContext) -> None:
         if self.config.planner == "cost":
-            step.plan = plan_group(step.rows, step.cols, ctx.world_size, self.cost_model(ctx))
+            solve = plan_solve(step.rows, step.cols, ctx.world_size, self.cost_model(ctx))
+            step.plan, step.shared_factor = list(solve.slices), solve.shared_factor
         else:
             step.plan = split_rows(
                 step.rows, ctx.world_size, min_rows=self.config.min_rows_per_rank
@@ -85,8 +87,9 @@ class HessianReduceConfig(StageConfig):
     stage: Literal["hessian-reduce"] = "hessian-reduce"
     planner: Literal["cost", "even"] = Field(
         "cost",
-        description="cost: cut rows so the slowest rank's predicted seconds (factorisation + sweep) "
-        "are minimal; even: equal rows per rank.",
+        description="cost: pick a local or shared factorisation and cut rows so the slowest "
+        "rank's predicted seconds (factorisation + sweep) are minimal; even: equal rows per "
+        "rank, each factorising alone.",
     )
     cost_model: str | None = Field(
         None, description="Cost-model JSON from bench/fit_cost.py; null = the bundled CPU fit."

@@ -1,0 +1,116 @@
+"""The same recipe on 1, 2 and 3 gloo ranks gives the same integers and byte-identical checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gptqflow.framework.compose import compose_recipe
+from gptqflow.modeling.checkpoint import read_quantized_codes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    from gptqflow.framework.api import execute
+
+    execute(resolved)
+
+
+def run_at(world_size: int, model: Path, out: Path, *extra: str) -> dict[str, Any]:
+    resolved = compose_recipe(
+        "gptq_w4a16",
+        [
+            f"model.path={model}",
+            f"output_dir={out}",
+            "dataset.num_samples=6",
+            "dataset.seq_len=64",
+            "dataset.eval_tokens=512",
+            "runtime.progress=false",
+            "runtime.num_threads=1",
+            f"runtime.nproc_per_node={world_size}",
+            *extra,
+        ],
+    )
+    mp.start_processes(
+        _rank_main,
+        args=(world_size, _free_port(), resolved),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(
+    tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, tuple[Path, dict[str, Any]]]:
+    out = {}
+    for ws in (1, 2, 3):
+        d = tmp_path_factory.mktemp(f"ws{ws}")
+        out[ws] = (d, run_at(ws, tiny_llama_dir, d))
+    return out
+
+
+def test_reports_name_every_rank(runs: dict[int, tuple[Path, dict[str, Any]]]) -> None:
+    for ws, (_, report) in runs.items():
+        assert report["world_size"] == ws
+        assert [r["rank"] for r in report["ranks"]] == list(range(ws))
+        assert all(layer["imbalance"] >= 1.0 for layer in report["layers"])
+        assert len(report["layers"][0]["solve_seconds"]) == ws
+
+
+@pytest.mark.parametrize("ws", [2, 3])
+def test_same_integers_at_any_world_size(
+    runs: dict[int, tuple[Path, dict[str, Any]]], ws: int
+) -> None:
+    ref = read_quantized_codes(runs[1][0] / "checkpoint")
+    got = read_quantized_codes(runs[ws][0] / "checkpoint")
+    assert ref.keys() == got.keys()
+    total = agree = 0
+    for name in ref:
+        a, b = ref[name]["qweight"], got[name]["qweight"]
+        total += a.numel()
+        agree += int((a == b).sum())
+    assert agree / total >= 0.999, f"{ws} ranks: {1 - agree / total:.4%} of codes differ"
+    p1, pn = runs[1][1]["perplexity"]["quantized"], runs[ws][1]["perplexity"]["quantized"]
+    assert abs(pn - p1) / p1 < 1e-3
+
+
+@pytest.mark.parametrize("ws", [2, 3])
+def test_checkpoint_bytes_match_one_rank(
+    runs: dict[int, tuple[Path, dict[str, Any]]], ws: int
+) -> None:
+    a = (runs[1][0] / "checkpoint" / "model.safetensors").read_bytes()
+    b = (runs[ws][0] / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_tokens_calibrated_is_summed_over_ranks(
+    runs: dict[int, tuple[Path, dict[str, Any]]],
+) -> None:
+    for ws, (_, report) in runs.items():
+        per_rank = [r["tokens_calibrated"] for r in report["ranks"]]
+        assert per_rank == [6 // ws * 64] * ws  # 6 samples of 64 tokens, split evenly
+        assert report["tokens_calibrated"] == sum(per_rank) == 6 * 64
