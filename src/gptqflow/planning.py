@@ -24,7 +24,13 @@ from torch import nn
 
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.gptq.cost import CostModel
-from gptqflow.gptq.plan import GroupShape, LayerPrediction, Planner, layer_prediction
+from gptqflow.gptq.plan import (
+    GroupPrediction,
+    GroupShape,
+    LayerPrediction,
+    Planner,
+    layer_prediction,
+)
 from gptqflow.modeling.structure import decoder_layers
 
 __all__ = [
@@ -233,14 +239,14 @@ def _layer_kind(
                 f"  {r.speedup_with_comm:11.2f}x  {r.hessian_bytes / 1e6:10.0f}"
                 f"  {r.qparam_bytes / 1e6:9.1f}"
             )
-    lines += ["", "  per group (ours): ranks used / slowest rank s"]
+    lines += [
+        "",
+        "  per group (ours): ranks used / slowest rank s (* = factorisation shared by all ranks)",
+    ]
     header = "  group                  rows   cols  1 rank s  factor s"
     lines.append(header + "".join(f"  {'W=' + str(w):>13s}" for w in world_sizes))
     for i, g in enumerate(one.groups):
-        cells = "".join(
-            f"  {preds[('cost', int(w))].groups[i].ranks:4d} /{preds[('cost', int(w))].groups[i].seconds:7.2f}"
-            for w in world_sizes
-        )
+        cells = "".join(_group_cell(preds[("cost", int(w))].groups[i]) for w in world_sizes)
         name = "+".join(_leaf(n) for n in g.names)
         lines.append(
             f"  {name:20s} {g.rows:6d} {g.cols:6d}  {g.single_rank_seconds:8.2f}  {g.factor_seconds:8.2f}{cells}"
@@ -254,6 +260,11 @@ def _layer_kind(
         "predictions": [_prediction_dict(r) for r in preds.values()],
     }
     return kind, lines
+
+
+def _group_cell(g: GroupPrediction) -> str:
+    mark = "*" if g.shared_factor else " "
+    return f"  {g.ranks:3d}{mark} /{g.seconds:7.2f}"
 
 
 def _leaf(name: str) -> str:
@@ -275,6 +286,12 @@ def _prediction_dict(r: LayerPrediction) -> dict[str, Any]:
         "hessian_bytes": r.hessian_bytes,
         "qparam_bytes": r.qparam_bytes,
         "groups": [
-            {"names": list(g.names), "ranks": g.ranks, "seconds": g.seconds} for g in r.groups
+            {
+                "names": list(g.names),
+                "ranks": g.ranks,
+                "seconds": g.seconds,
+                "shared_factor": g.shared_factor,
+            }
+            for g in r.groups
         ],
     }

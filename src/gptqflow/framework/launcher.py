@@ -103,6 +103,7 @@ def hydra_run(argv: list[str]) -> int:
             overrides = " ".join(hc.overrides.task)
             failures.append(f"{out} ({overrides}): {text.splitlines()[0] if text else ''}")
 
+    _check_run_dir(argv)
     saved = sys.argv
     sys.argv = ["gptqflow-run", *_place_hydra_dirs(argv), "hydra.job.name=run"]
     try:
@@ -118,6 +119,21 @@ def hydra_run(argv: list[str]) -> int:
         )
         return 1
     return 0
+
+
+def _check_run_dir(argv: list[str]) -> None:
+    """Refuse an ``output_dir=`` that cannot be created or written, before Hydra starts.
+
+    Hydra creates the run (or sweep) directory for ``.hydra/`` and ``run.log`` before
+    any of our code runs, and an uncreatable one ends in Hydra's traceback.
+    """
+    from gptqflow.framework.preflight import output_dir_problem
+
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")]
+    if values and "${" not in values[-1]:
+        problem = output_dir_problem(Path(values[-1]))
+        if problem is not None:
+            raise GptqflowError(f"output_dir: {problem}")
 
 
 def _failure_text(exc: BaseException) -> str:

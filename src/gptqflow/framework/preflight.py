@@ -7,12 +7,15 @@ checkpoint fails in a second, not after an hour of calibration.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import StageConfig
 from gptqflow.framework.schema import Problem, Recipe, RecipeError
+from gptqflow.modeling.modeldir import check_architecture, check_model_dir
 from gptqflow.modeling.structure import group_size_problems, linear_shapes, read_model_config
+from gptqflow.modeling.text import read_text
 
 
 def _first(recipe: Recipe, name: str) -> tuple[int, StageConfig] | None:
@@ -23,18 +26,31 @@ def _first(recipe: Recipe, name: str) -> tuple[int, StageConfig] | None:
 
 
 def model_problems(recipe: Recipe, *, require_model: bool) -> list[Problem]:
-    """Group sizes that do not divide the input widths of the targeted Linears."""
+    """A model dir that is not usable, and group sizes that do not divide its input widths.
+
+    With ``require_model`` (a run) the directory must exist and its weight files are
+    checked from their headers (truncation, pickle-only weights); lint checks only
+    what ``config.json`` tells, and only when the directory exists.
+    """
     load, solve, cal = _first(recipe, "load"), _first(recipe, "solve"), _first(recipe, "calibrate")
     if load is None:
         return []
     path = Path(getattr(load[1], "path"))  # noqa: B009
-    if not (path / "config.json").is_file():
-        if require_model:
-            try:
-                read_model_config(path)
-            except GptqflowError as exc:
-                return [Problem(f"stages[{load[0]}](load).path", str(exc))]
+    trust = bool(getattr(load[1], "trust_remote_code", False))
+    where = f"stages[{load[0]}](load).path"
+    if not (path / "config.json").is_file() and not require_model:
         return []
+    try:
+        if require_model:
+            check_model_dir(
+                path,
+                allow_pickle=bool(getattr(load[1], "allow_pickle", False)),
+                trust_remote_code=trust,
+            )
+        else:
+            check_architecture(path, read_model_config(path), trust_remote_code=trust)
+    except GptqflowError as exc:
+        return [Problem(where, str(exc))]
     if solve is None or cal is None:
         return []
     try:
@@ -44,7 +60,7 @@ def model_problems(recipe: Recipe, *, require_model: bool) -> list[Problem]:
             path,
             targets,
             ignore,
-            getattr(load[1], "trust_remote_code", False),
+            trust,
         )
     except GptqflowError as exc:
         return [Problem(f"stages[{load[0]}](load).path", str(exc))]
@@ -69,16 +85,25 @@ def model_problems(recipe: Recipe, *, require_model: bool) -> list[Problem]:
 
 
 def file_problems(recipe: Recipe) -> list[Problem]:
-    """Input files that are missing, and a checkpoint that would be overwritten."""
+    """Input files that are missing or not UTF-8 text, an output directory that cannot be
+    written, and a checkpoint that would be overwritten."""
     out: list[Problem] = []
+    checked: dict[str, str | None] = {}  # a text file read once even if two stages use it
     for i, s in enumerate(recipe.stages):
         for key in ("calibration_file", "eval_file"):
             value = getattr(s, key, None)
             skipped = s.stage == "evaluate" and getattr(s, "max_tokens", 1) == 0
-            if value is not None and not skipped and not Path(value).is_file():
+            if value is None or skipped:
+                continue
+            if not Path(value).is_file():
                 out.append(
                     Problem(f"stages[{i}]({s.stage}).{key}", f"file {value!r} does not exist")
                 )
+                continue
+            if value not in checked:
+                checked[value] = _text_problem(value)
+            if checked[value] is not None:
+                out.append(Problem(f"stages[{i}]({s.stage}).{key}", str(checked[value])))
         if s.stage == "save":
             target = Path(recipe.output_dir) / getattr(s, "subdir")  # noqa: B009
             if target.exists() and any(target.iterdir()) and not getattr(s, "overwrite"):  # noqa: B009
@@ -89,6 +114,9 @@ def file_problems(recipe: Recipe) -> list[Problem]:
                         "or choose another output_dir",
                     )
                 )
+    problem = output_dir_problem(Path(recipe.output_dir))
+    if problem is not None:
+        out.append(Problem("output_dir", problem))
     if recipe.dataset.num_samples < recipe.runtime.nproc_per_node:
         out.append(
             Problem(
@@ -98,6 +126,49 @@ def file_problems(recipe: Recipe) -> list[Problem]:
             )
         )
     return out
+
+
+def _text_problem(path: str) -> str | None:
+    """Why ``path`` is not usable text (empty, binary, not UTF-8), or None.
+
+    Decoding costs milliseconds per MB; doing it here fails a bad file before the
+    model is loaded instead of after.
+    """
+    try:
+        read_text(path)
+    except GptqflowError as exc:
+        return str(exc)
+    return None
+
+
+def output_dir_problem(out: Path) -> str | None:
+    """Why the run directory ``out`` cannot be created or written, or None.
+
+    The nearest existing ancestor decides: it must be a directory this process may
+    write into (creating ``out`` below it), checked before any heavy work so an
+    hour of calibration never ends in "permission denied".
+    """
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return (
+            f"{str(out)!r} cannot be created: {str(probe)!r} is a file, not a directory; "
+            "choose another output_dir"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = (
+            "is not writable"
+            if probe == out
+            else f"cannot be created: {str(probe)!r} is not writable"
+        )
+        return (
+            f"{str(out)!r} {what} by this user (permission denied); choose another "
+            "output_dir or fix the directory's permissions"
+        )
+    return None
 
 
 def preflight(recipe: Recipe) -> None:

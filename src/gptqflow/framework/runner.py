@@ -18,7 +18,7 @@ import resource
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,13 @@ class Runner:
         )
         configure_logging(ctx.rank, self.output_dir)
         if ctx.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise GptqflowError(
+                    f"output_dir={str(self.output_dir)!r}: cannot create it: "
+                    f"{exc.strerror or exc}; choose another output_dir"
+                ) from exc
             _write_atomic(self.output_dir / "recipe.yaml", _recipe_yaml(self.resolved))
         rt = self.recipe.runtime
         if rt.num_threads:
@@ -133,7 +139,14 @@ class Runner:
         finally:
             report = self._report(state, time.perf_counter() - start, error)
             if ctx.is_main:
-                _write_atomic(self.output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+                try:
+                    _write_atomic(
+                        self.output_dir / "report.json", json.dumps(report, indent=2) + "\n"
+                    )
+                except GptqflowError:
+                    if error is None:
+                        raise
+                    log.error("report.json not written (disk full?); the run failed: %s", error)
         if ctx.is_main:
             print(format_summary(report), flush=True)
         return report
@@ -234,7 +247,12 @@ class Runner:
         # The kernel's peak mark is reset before every stage, so the run's peak is the
         # largest stage peak (the current mark alone covers only the last stage).
         peak = max([peak_rss(), *(int(s["peak_rss_bytes"]) for s in self.clock.stats.values())])
-        mine = {"rank": self.ctx.rank, "stages": self.clock.stats, "peak_rss_bytes": peak}
+        mine = {
+            "rank": self.ctx.rank,
+            "stages": self.clock.stats,
+            "peak_rss_bytes": peak,
+            "fallbacks": state.fallbacks,
+        }
         # Calibration tokens of this rank (its samples x seq_len) once a layer used them.
         mine["tokens_calibrated"] = (
             int(state.samples.numel())
@@ -264,11 +282,19 @@ class Runner:
             "perplexity": dict(state.perplexity),
             "checkpoint": None if state.checkpoint_dir is None else str(state.checkpoint_dir),
             "layers": state.layer_reports,
+            # Modules rounded to nearest instead of GPTQ (solve on_failure: rtn), from every rank.
+            "fallbacks": merge_fallbacks(r["fallbacks"] for r in ranks),
             "ranks": ranks,
             "bytes_communicated": self.ctx.bytes_sent,
             "torch_threads": torch.get_num_threads(),
         }
         return report
+
+
+def merge_fallbacks(per_rank: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every rank's fallbacks, once per module (a module split over ranks is listed by each)."""
+    merged = {(f["layer"], f["module"]): f for fallbacks in per_rank for f in fallbacks}
+    return [merged[k] for k in sorted(merged)]
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -277,16 +303,20 @@ def format_summary(report: dict[str, Any]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     stages = ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in report["stages"].items())
     peak = max((r["peak_rss_bytes"] for r in report["ranks"]), default=0) / 2**30
-    return "\n".join(
-        [
-            f"gptqflow: {report['scheme']} on {report['world_size']} rank(s) in {report['seconds']:.1f}s",
-            f"  checkpoint:  {report['checkpoint'] or '(not saved)'}",
-            f"  perplexity:  baseline {fmt(ppl['baseline'])} -> quantized {fmt(ppl['quantized'])}",
-            f"  stages:      {stages}",
-            f"  calibrated:  {report.get('tokens_calibrated', 0):,} tokens (all ranks)",
-            f"  peak memory: {peak:.2f} GiB (largest rank)",
-        ]
-    )
+    lines = [
+        f"gptqflow: {report['scheme']} on {report['world_size']} rank(s) in {report['seconds']:.1f}s",
+        f"  checkpoint:  {report['checkpoint'] or '(not saved)'}",
+        f"  perplexity:  baseline {fmt(ppl['baseline'])} -> quantized {fmt(ppl['quantized'])}",
+        f"  stages:      {stages}",
+        f"  calibrated:  {report.get('tokens_calibrated', 0):,} tokens (all ranks)",
+        f"  peak memory: {peak:.2f} GiB (largest rank)",
+    ]
+    if report.get("fallbacks"):
+        lines.append(
+            f"  fallbacks:   {len(report['fallbacks'])} module(s) rounded to nearest instead of "
+            "GPTQ (report.json: fallbacks)"
+        )
+    return "\n".join(lines)
 
 
 def _error_text(error: BaseException) -> str:
@@ -303,5 +333,12 @@ def _recipe_yaml(resolved: dict[str, Any]) -> str:
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise GptqflowError(
+            f"cannot write {path}: {exc.strerror or exc}; free some space or choose another "
+            "output_dir"
+        ) from exc

@@ -34,6 +34,11 @@ class ModelGroup(_Group):
     path: str = Field(description="Local transformers model directory (never a hub id).")
     dtype: DType = Field("float32", description="Weights dtype while quantizing.")
     trust_remote_code: bool = Field(False, description="Allow the model dir's own Python code.")
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle weights (*.bin, *.pt) when the dir has no safetensors "
+        "(unpickling can run code).",
+    )
 
 
 class DatasetGroup(_Group):
@@ -79,6 +84,11 @@ class SchemeGroup(_Group):
     )
     observer: Literal["minmax", "mse"] = Field(
         "mse", description="Group range: min-max, or the range with the least error (mse)."
+    )
+    on_failure: Literal["error", "rtn"] = Field(
+        "error",
+        description="A Hessian that stays non positive-definite after the dampening retries: "
+        "error, or round-to-nearest for that module (recorded in report.json).",
     )
 
 

@@ -69,6 +69,8 @@ class PipelineState:
         default_factory=lambda: {"baseline": None, "quantized": None}
     )
     layer_reports: list[dict[str, Any]] = field(default_factory=list)
+    # Modules this rank rounded to nearest because GPTQ failed ({"layer", "module", "reason"}).
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -220,6 +220,7 @@ def write_compressed_checkpoint(
     for name in sorted(quantized):
         weight = model.get_parameter(f"{name}.weight")
         tensors.update(_module_tensors(name, quantized[name], args, fmt, weight))
+    _check_finite(tensors)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -248,6 +249,21 @@ def _check_destination(out_dir: Path, overwrite: bool) -> None:
         raise GptqflowError(
             f"checkpoint directory {out_dir} exists and is not empty; "
             "pass overwrite=true to replace it, or choose another output directory"
+        )
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to write NaN/Inf: a checkpoint that loads but generates garbage is worse than none.
+
+    The solve stage stops at the layer where non-finite values appear; this is the
+    last guard for tensors it never sees (embeddings, norms, an unquantized lm_head).
+    """
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise GptqflowError(
+            f"refusing to write a checkpoint with NaN/Inf values in {len(bad)} tensor(s) "
+            f"(e.g. {bad[:3]}); the model was already broken before quantization or a "
+            "stage produced them: check the input model's weights and dtype"
         )
 
 

@@ -224,7 +224,15 @@ class CalibrateStage(Stage):
                 out = layer(hidden, **kwargs)
         finally:
             layer.to("cpu")
-        state.extra["hidden"] = out[0] if isinstance(out, tuple) else out
+        hidden_out = out[0] if isinstance(out, tuple) else out
+        # Inputs are checked through the group Hessians (solve); this catches NaN/Inf that
+        # first appear after the layer's last Linear (e.g. the final residual add).
+        if bad := int((~torch.isfinite(hidden_out)).sum()):
+            raise GptqflowError(
+                f"layer {index} ({prefix}): its outputs have {bad} NaN/Inf values (rank "
+                f"{ctx.rank}'s calibration samples); check the model's weights and dtype"
+            )
+        state.extra["hidden"] = hidden_out
         state.extra["tokens_calibrated"] += hidden.shape[0] * hidden.shape[1]
 
     @contextmanager

@@ -9,6 +9,8 @@ so a model larger than device memory can be quantized.
 - stage: load
   path: ${model.path}
   dtype: ${model.dtype}
+  trust_remote_code: ${model.trust_remote_code}   # never run the dir's code unless true
+  allow_pickle: ${model.allow_pickle}             # refuse *.bin / *.pt weights unless true
 ```
 """
 
@@ -24,7 +26,8 @@ from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import PipelineState
-from gptqflow.modeling.structure import decoder_layers, read_model_config
+from gptqflow.modeling.modeldir import check_model_dir
+from gptqflow.modeling.structure import decoder_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +41,13 @@ class LoadStage(Stage):
         from gptqflow.modeling.text import load_tokenizer
 
         path = Path(self.config.path)
-        read_model_config(path)  # clear errors for a missing dir / config.json
+        # Clear errors for a missing dir / config.json, an unsupported architecture,
+        # truncated safetensors, and pickle weights the user did not allow.
+        weights = check_model_dir(
+            path,
+            allow_pickle=self.config.allow_pickle,
+            trust_remote_code=self.config.trust_remote_code,
+        )
         dtype = "auto" if self.config.dtype == "auto" else DTYPES[self.config.dtype]
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -46,10 +55,15 @@ class LoadStage(Stage):
                 dtype=dtype,
                 local_files_only=True,
                 trust_remote_code=self.config.trust_remote_code,
+                # Never fall back to pickle files when safetensors exist.
+                use_safetensors=weights.safetensors,
                 low_cpu_mem_usage=True,
             )
-        except (OSError, ValueError) as exc:
-            raise GptqflowError(f"model.path={str(path)!r}: cannot load the model: {exc}") from exc
+        except Exception as exc:  # safetensors, torch and transformers raise many types
+            raise GptqflowError(
+                f"model.path={str(path)!r}: cannot load the model "
+                f"({type(exc).__name__}: {exc}); check that the directory is complete"
+            ) from exc
         model.eval()
         model.requires_grad_(False)
         state.model = model
@@ -68,3 +82,8 @@ class LoadConfig(StageConfig):
         "float32", description="Weights dtype while quantizing; auto = the checkpoint's."
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped in the model dir.")
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickle weights (*.bin, *.pt) when there are no safetensors; "
+        "unpickling can run code.",
+    )

@@ -40,7 +40,13 @@ class PartitionStage(Stage):
                 f"{ctx.world_size}: every rank needs at least one calibration sample"
             )
         ids = tokenize_text(state.tokenizer, read_text(cfg.calibration_file))
-        starts = calibration_windows(ids.shape[-1], cfg.num_samples, cfg.seq_len, cfg.seed)
+        try:
+            starts = calibration_windows(ids.shape[-1], cfg.num_samples, cfg.seq_len, cfg.seed)
+        except GptqflowError as exc:  # say which file and which keys
+            raise GptqflowError(
+                f"dataset.calibration_file={cfg.calibration_file!r}: {exc} "
+                f"(dataset.num_samples={cfg.num_samples}, dataset.seq_len={cfg.seq_len})"
+            ) from None
         mine = ctx.shard(cfg.num_samples)
         state.sample_range = mine
         state.samples = windows_to_tensor(ids, [starts[i] for i in mine], cfg.seq_len)

@@ -16,14 +16,32 @@ interrupted run never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import PipelineState
 from gptqflow.modeling.checkpoint import write_compressed_checkpoint
+
+
+def _write_failed(out: Path, exc: OSError) -> str:
+    """A failed write in words: where, why (the OS's reason), and that nothing was left."""
+    reason = exc.strerror or str(exc)
+    hint = {
+        errno.ENOSPC: "free some space or choose an output_dir on another disk",
+        errno.EDQUOT: "free some space or choose an output_dir on another disk",
+        errno.EACCES: "choose a writable output_dir",
+        errno.EROFS: "choose a writable output_dir",
+    }.get(exc.errno or 0, "check the output_dir")
+    return (
+        f"cannot write the checkpoint to {out}: {reason}; {hint}. Nothing was written "
+        "there (a checkpoint already in place is left as it was)"
+    )
 
 
 class SaveStage(Stage):
@@ -33,15 +51,18 @@ class SaveStage(Stage):
         out = state.output_dir / self.config.subdir
         if ctx.is_main:
             assert state.quant_args is not None
-            write_compressed_checkpoint(
-                state.model,
-                state.quantized,
-                state.quant_args,
-                out,
-                tokenizer=state.tokenizer,
-                ignore=self.config.ignore,
-                overwrite=self.config.overwrite,
-            )
+            try:
+                write_compressed_checkpoint(
+                    state.model,
+                    state.quantized,
+                    state.quant_args,
+                    out,
+                    tokenizer=state.tokenizer,
+                    ignore=self.config.ignore,
+                    overwrite=self.config.overwrite,
+                )
+            except OSError as exc:  # the writer has already removed its temporary directory
+                raise GptqflowError(_write_failed(out, exc)) from exc
         ctx.barrier("save")
         state.checkpoint_dir = out
 

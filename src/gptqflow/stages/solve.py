@@ -5,6 +5,16 @@ Produces: ``step.results`` (this rank's slices as QuantResults) and
 ``state.quant_args``. Collectives: none; the solver is a pure function of
 (weight, Hessian, quant args).
 
+Numerics are checked where a problem first shows, so it is reported with its layer
+and module and never reaches a checkpoint: a Hessian with NaN/Inf (non-finite
+activations entering the group) and non-finite float weights stop the run on every
+rank (the Hessian is the reduced one, the weights are the same everywhere, so all
+ranks decide alike); so does a non-finite solve result. A Hessian that stays
+non positive-definite after the dampening retries stops the run too, unless
+``on_failure: rtn``: then the group's modules are rounded to nearest, logged, and
+listed under ``fallbacks`` in report.json. That decision depends only on the
+reduced Hessian, so every rank makes the same one.
+
 The inverse-Hessian factor is computed once per rank per group and shared by all of
 the rank's slices (q, k and v reuse one factorisation).
 
@@ -15,11 +25,13 @@ the rank's slices (q, k and v reuse one factorisation).
   group_size: ${scheme.group_size}
   symmetric: ${scheme.symmetric}
   actorder: ${scheme.actorder}
+  on_failure: ${scheme.on_failure}   # error | rtn
 ```
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Literal
 
@@ -30,9 +42,12 @@ from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
+from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
 from gptqflow.gptq.types import QuantArgs, QuantResult
+
+log = logging.getLogger("gptqflow")
 
 
 class SolveStage(Stage):
@@ -57,15 +72,17 @@ class SolveStage(Stage):
         state.quant_args = args
         mine = [s for s in step.plan if s.rank == ctx.rank]
         start = time.perf_counter()
+        check_finite_inputs(step)
         if mine:
             assert step.full_hessian is not None
             h = step.full_hessian
             factor = None
+            fallback: str | None = None
             if self.config.method == "gptq":
                 try:
                     factor = prepare_factor(h, args)
                 except CholeskyError as exc:
-                    raise GptqflowError(f"{', '.join(step.names)}: {exc}") from exc
+                    fallback = self._cholesky_failed(step, exc, ctx)
             # All of this rank's slices share the Hessian, so they are stacked into one
             # sweep: rows are independent given the factor (a slice of a solve is
             # bit-identical to solving it alone), and the per-column cost is paid once.
@@ -74,6 +91,12 @@ class SolveStage(Stage):
                 res = rtn_quantize(w, args)
             else:
                 res = solve_rows(w, factor, args)
+            check_finite_result(step, mine, res)
+            if fallback is not None:
+                state.fallbacks += [
+                    {"layer": step.layer_index, "module": step.names[m], "reason": fallback}
+                    for m in sorted({s.module for s in mine})
+                ]
             offset = 0
             for s in mine:
                 part = _rows(res, offset, offset + s.rows)
@@ -82,6 +105,65 @@ class SolveStage(Stage):
                 step.results[(s.module, s.start)] = part
                 offset += s.rows
         step.solve_seconds[ctx.rank] = time.perf_counter() - start
+
+    def _cholesky_failed(self, step: GroupStep, exc: CholeskyError, ctx: DistContext) -> str:
+        """Raise (``on_failure: error``) or return the reason for a round-to-nearest fallback."""
+        where = f"layer {step.layer_index}, {', '.join(step.names)}"
+        if self.config.on_failure == "error":
+            raise GptqflowError(
+                f"{where}: the Hessian is not positive definite: {exc}. Calibrate on more "
+                "tokens (dataset.num_samples, dataset.seq_len), raise solve.max_damp_retries, "
+                "or set scheme.on_failure=rtn to round these modules to nearest instead"
+            ) from exc
+        reason = f"Hessian not positive definite: {exc}"
+        if ctx.rank == min(s.rank for s in step.plan):  # one warning per group, not per rank
+            log.warning("%s: round-to-nearest instead of GPTQ (%s)", where, reason)
+        return reason
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    """How many entries of ``t`` are NaN or +-Inf."""
+    return int((~torch.isfinite(t)).sum())
+
+
+def check_finite_inputs(step: GroupStep) -> None:
+    """Stop at the first layer whose Hessian or float weights hold NaN/Inf.
+
+    The reduced Hessian and the float weights are the same on every rank, so every
+    rank stops here with the same message. A non-finite Hessian means non-finite
+    activations entering the group (from the float model itself, or from the
+    already quantized layers before it); GPTQ (or rounding) of them would only
+    write NaN into the checkpoint.
+    """
+    where = f"layer {step.layer_index}"
+    h = step.full_hessian
+    if h is not None and (bad := _nonfinite(h)):
+        raise GptqflowError(
+            f"{where}, {', '.join(step.names)}: the Hessian has {bad} NaN/Inf entries of "
+            f"{h.numel()}: the activations entering these modules are not finite (check the "
+            "model's weights and dtype, e.g. model.dtype=float32 if float16 overflows)"
+        )
+    for name, mod in zip(step.names, step.modules):
+        if bad := _nonfinite(mod.weight):
+            raise GptqflowError(
+                f"{where}, {name}: the float weights have {bad} NaN/Inf values of "
+                f"{mod.weight.numel()}; the model checkpoint is damaged or overflowed its dtype"
+            )
+
+
+def check_finite_result(step: GroupStep, mine: list[RowSlice], res: QuantResult) -> None:
+    """Refuse a solve result with NaN/Inf scales or weights, naming the first bad module."""
+    bad_rows = ~(torch.isfinite(res.scale).all(dim=1) & torch.isfinite(res.dequant).all(dim=1))
+    if not bool(bad_rows.any()):
+        return
+    offset = 0
+    for s in mine:
+        if bool(bad_rows[offset : offset + s.rows].any()):
+            raise GptqflowError(
+                f"layer {step.layer_index}, {step.names[s.module]}: the quantized weights "
+                f"(rows {s.start}..{s.stop - 1}) have NaN/Inf values; refusing to use them"
+            )
+        offset += s.rows
 
 
 def _rows(res: QuantResult, start: int, stop: int) -> QuantResult:
@@ -141,6 +223,11 @@ class SolveConfig(StageConfig):
     observer: Literal["minmax", "mse"] = Field(
         "mse",
         description="Range of each group: min-max, or the shrunken range with the least error (mse).",
+    )
+    on_failure: Literal["error", "rtn"] = Field(
+        "error",
+        description="A Hessian still not positive definite after the dampening retries: stop "
+        "(error), or round the group's modules to nearest (rtn), listed in report.json.",
     )
     report_loss: bool = Field(
         False,
