@@ -247,7 +247,7 @@ class Runner:
         # The kernel's peak mark is reset before every stage, so the run's peak is the
         # largest stage peak (the current mark alone covers only the last stage).
         peak = max([peak_rss(), *(int(s["peak_rss_bytes"]) for s in self.clock.stats.values())])
-        mine = {
+        mine: dict[str, Any] = {
             "rank": self.ctx.rank,
             "stages": self.clock.stats,
             "peak_rss_bytes": peak,
@@ -283,7 +283,7 @@ class Runner:
             "checkpoint": None if state.checkpoint_dir is None else str(state.checkpoint_dir),
             "layers": state.layer_reports,
             # Modules rounded to nearest instead of GPTQ (solve on_failure: rtn), from every rank.
-            "fallbacks": merge_fallbacks(r["fallbacks"] for r in ranks),
+            "fallbacks": merge_fallbacks(x["fallbacks"] for x in ranks),
             "ranks": ranks,
             "bytes_communicated": self.ctx.bytes_sent,
             "torch_threads": torch.get_num_threads(),

@@ -58,7 +58,7 @@ def check_architecture(model_dir: Path, config: dict[str, Any], *, trust_remote_
     key = f"{model_dir / 'config.json'}: model_type"
     model_type = config.get("model_type")
     auto_map = config.get("auto_map")
-    remote = isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map
+    remote = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
     supported = supported_model_types()
     if isinstance(model_type, str) and model_type in supported:
         return
@@ -67,7 +67,7 @@ def check_architecture(model_dir: Path, config: dict[str, Any], *, trust_remote_
     if remote:
         raise GptqflowError(
             f"{key}={model_type!r}: the architecture is defined by Python code shipped in the "
-            f"model directory (auto_map: {auto_map['AutoModelForCausalLM']!r}), which is not "
+            f"model directory (auto_map: {remote!r}), which is not "
             "run by default; set model.trust_remote_code=true only if you trust that code"
         )
     what = (
