@@ -18,6 +18,7 @@ from gptqflow.gptq.plan import (
     layer_prediction,
     plan_digest,
     plan_group,
+    plan_solve,
     rank_seconds,
     split_rows,
 )
@@ -38,8 +39,8 @@ def synthetic(**overrides: float) -> CostModel:
     """CPU-like constants (close to the bundled fit), so tests do not depend on the fit."""
     base: dict[str, float] = dict(
         factor_overhead_s=1e-3,
-        factor_s_per_col2=1.5e-8,
-        factor_s_per_col3=2.8e-11,
+        factor_s_per_col2=1e-9,
+        factor_s_per_col3=1.0e-11,
         sweep_overhead_s=5e-3,
         sweep_s_per_col=3.4e-5,
         sweep_s_per_row_col=4e-8,
@@ -200,14 +201,61 @@ def test_imbalance_at_8_ranks_on_llama3_8b(cost: CostModel) -> None:
 
 
 def test_speedup_target_holds_when_factorising_is_cheap() -> None:
-    """Issue 3's targets (>= 3.6x at 4 ranks) hold for the sweep; the factorisation is serial."""
+    """Issue 3's targets (>= 3.6x at 4 ranks) hold for the sweep alone."""
     pred = layer_prediction(LLAMA3_8B, 4, no_factor(), "cost")
     assert pred.speedup >= 3.6
-    # With CPU factorisation costs every rank pays down_proj's 14336³ factorisation:
-    # Amdahl caps the speedup far below that (documented in docs/planning.md).
-    capped = layer_prediction(LLAMA3_8B, 4, synthetic(), "cost")
+
+
+@pytest.mark.parametrize(
+    ("cost", "target"),
+    [(synthetic(), 3.4), (CostModel.default(), 3.6)],
+    ids=["synthetic", "bundled"],
+)
+def test_speedup_target_holds_with_a_shared_factorisation(cost: CostModel, target: float) -> None:
+    """With CPU factorisation costs the target needs down_proj's factorisation shared.
+
+    The bundled fit of this machine meets issue 3's 3.6x; the synthetic constants
+    (a quarter of the measured bandwidth) come close.
+    """
+    pred = layer_prediction(LLAMA3_8B, 4, cost, "cost")
+    assert pred.speedup >= target
+    down = pred.groups[-1]
+    assert down.names == ("down_proj",) and down.shared_factor
+    # If messages were too slow to share, every rank would factorise alone and pay
+    # down_proj's whole 14336³ factorisation: Amdahl caps the speedup far below.
+    slow = dataclasses.replace(cost, bytes_per_s=1e3)
+    capped = layer_prediction(LLAMA3_8B, 4, slow, "cost")
+    assert not any(g.shared_factor for g in capped.groups)
     factor = sum(g.factor_seconds for g in capped.groups)
-    assert capped.speedup <= capped.single_rank_seconds / factor
+    assert capped.speedup <= capped.single_rank_seconds / factor < 3.6
+
+
+def test_plan_solve_shares_only_where_it_pays() -> None:
+    cost = CostModel.default()
+    wide = plan_solve([4096], 14336, 4, cost)
+    assert wide.shared_factor
+    assert_exact_cover(list(wide.slices), [4096])
+    times = rank_seconds(list(wide.slices), 14336, cost, 4, shared_factor=True)
+    assert max(times) == pytest.approx(wide.seconds)
+    # Every rank pays the same shared factorisation, whether or not it has rows.
+    assert min(times) >= cost.shared_factor_seconds(14336, 4)
+    # Tiny groups: a few messages per panel cost more than factorising alone.
+    assert not plan_solve([16], 64, 4, cost).shared_factor
+    # One rank: nothing to share.
+    assert not plan_solve([4096], 14336, 1, cost).shared_factor
+    # The plan is the faster of the two: never slower than a local factorisation.
+    for rows, cols, w in [([4096], 14336, 2), ([6144], 4096, 3), ([576], 576, 2)]:
+        local = plan_group(rows, cols, w, cost)
+        assert plan_solve(rows, cols, w, cost).seconds <= max(rank_seconds(local, cols, cost, w))
+
+
+def test_shared_factor_seconds() -> None:
+    cost = synthetic()
+    assert cost.shared_factor_seconds(4096, 1) == cost.factor_seconds(4096)
+    two, four = cost.shared_factor_seconds(14336, 2), cost.shared_factor_seconds(14336, 4)
+    assert four < two < cost.factor_seconds(14336)
+    # The cols³ flops split; the messages do not shrink with more ranks.
+    assert four > cost.factor_s_per_col3 * 14336**3 / 4
 
 
 def test_column_balancer_reproduces_the_known_limit() -> None:
