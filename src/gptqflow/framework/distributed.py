@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +35,46 @@ class _Done:
 
     def wait(self) -> None:
         return None
+
+
+class PeerLostError(GptqflowError):
+    """A collective failed because another rank was killed, exited or stopped answering."""
+
+
+# How long a rank that saw a collective fail waits for the other survivors to say so,
+# to tell the lost rank(s) from the ones that are merely slower to notice.
+PEER_REPORT_WAIT_S = 5.0
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether a collective's exception means another rank died or stopped answering."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        k in text
+        for k in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Gloo")
+    )
+
+
+def _default_store() -> Any:
+    """The process group's rendezvous store, or None (torch has no public accessor)."""
+    getter = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return getter() if getter is not None else None
+    except Exception:
+        return None
+
+
+class _Guarded:
+    """A collective's handle whose ``wait`` turns a lost peer into a PeerLostError."""
+
+    def __init__(self, work: Any, ctx: DistContext, what: str) -> None:
+        self.work, self.ctx, self.what = work, ctx, what
+
+    def wait(self) -> Any:
+        with self.ctx.guard(self.what):
+            return self.work.wait()
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -79,6 +121,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "none"
+    timeout_s: float = 600.0
     _owns_group: bool = False
     bytes_sent: int = 0
 
@@ -111,6 +154,7 @@ class DistContext:
             local_rank=local_rank,
             device=dev,
             backend=chosen,
+            timeout_s=timeout_s,
             _owns_group=owns,
         )
 
@@ -153,8 +197,9 @@ class DistContext:
             return tensor, _Done()
         buf = self._comm(tensor).contiguous()
         self.bytes_sent += buf.numel() * buf.element_size()
-        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=async_op)
-        return buf, (work if work is not None else _Done())
+        with self.guard("an all-reduce"):
+            work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=async_op)
+        return buf, (_Guarded(work, self, "an all-reduce") if work is not None else _Done())
 
     def broadcast_from(
         self, owner: int, tensors: Sequence[torch.Tensor], *, async_op: bool = True
@@ -172,22 +217,80 @@ class DistContext:
         for b in bufs:
             if self.rank == owner:
                 self.bytes_sent += b.numel() * b.element_size()
-            work = dist.broadcast(b, src=owner, async_op=async_op)
-            handles.append(work if work is not None else _Done())
+            with self.guard(f"a broadcast from rank {owner}"):
+                work = dist.broadcast(b, src=owner, async_op=async_op)
+            handles.append(
+                _Guarded(work, self, f"a broadcast from rank {owner}")
+                if work is not None
+                else _Done()
+            )
         return bufs, handles
 
     def barrier(self, tag: str = "") -> None:
         """Wait for every rank (``tag`` names the point in error messages and logs)."""
         if self.distributed:
-            dist.barrier()
+            with self.guard(f"the barrier {tag!r}" if tag else "a barrier"):
+                dist.barrier()
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` in rank order, on every rank (small, picklable data only)."""
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with self.guard("an all-gather"):
+            dist.all_gather_object(out, obj)
         return out
+
+    # ------------------------------------------------------------------ faults
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Turn a collective failing because of a lost rank into a PeerLostError naming it."""
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, PeerLostError) or not is_peer_loss(exc):
+                raise
+            raise self._peer_lost(exc, what) from exc
+
+    def _peer_lost(self, exc: BaseException, what: str) -> PeerLostError:
+        lost = self.unanswered_ranks()
+        who = "another rank" if not lost else ", ".join(f"rank {r}" for r in lost)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return PeerLostError(
+            f"lost contact with {who} during {what} ({type(exc).__name__}: {first[:300]}): "
+            f"it was killed, exited or did not answer within runtime.timeout_s={self.timeout_s:g}s; "
+            "its own message, if it printed one, gives the cause. With resume points "
+            "(runtime.checkpoint_every) runtime.resume=true continues from the last one"
+        )
+
+    def unanswered_ranks(self, wait_s: float = PEER_REPORT_WAIT_S) -> list[int]:
+        """After a failed collective: the other ranks that do not report the failure too.
+
+        A rank that was killed (or hangs) cannot say anything, while every survivor
+        sees its own collective fail. So each survivor writes a key in the rendezvous
+        store and waits up to ``wait_s`` for the others' keys; the ranks without one
+        are the lost ones. With two ranks the other one is lost, without asking. If
+        the store is unreachable its host is gone: rank 0 with plain ``env://``
+        rendezvous (torchrun's agent hosts it otherwise, and it outlives the ranks).
+        """
+        others = [r for r in range(self.world_size) if r != self.rank]
+        if len(others) <= 1:
+            return others
+        store = _default_store()
+        if store is None:
+            return []
+        key = "gptqflow/peer-lost/{}".format
+        try:
+            store.set(key(self.rank), "1")
+            deadline = time.monotonic() + wait_s
+            while True:
+                missing = [r for r in others if not store.check([key(r)])]
+                if not missing or time.monotonic() >= deadline:
+                    return missing
+                time.sleep(0.05)
+        except Exception:
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            return [0] if self.rank != 0 and not agent else []
 
     def check_same(self, what: str, text: str) -> None:
         """Refuse to go on unless every rank holds the same ``text`` (compared by hash)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -256,11 +257,21 @@ def launch_workers(recipe_file: Path, nproc: int) -> None:
         torchrun_main(args)
     except ChildFailedError as exc:
         failed = ", ".join(
-            f"rank {r}: exit code {f.exitcode}" for r, f in sorted(exc.failures.items())
+            f"rank {r}: {_exit_text(f.exitcode)}" for r, f in sorted(exc.failures.items())
         )
         raise GptqflowError(
             f"the distributed run failed ({failed}); see the rank's message above"
         ) from None
+
+
+def _exit_text(code: int) -> str:
+    """``exit code 1``, or ``killed by SIGKILL`` for a rank that a signal ended (negative code)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def worker_main(recipe_file: str) -> int:

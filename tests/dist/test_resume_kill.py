@@ -1,0 +1,220 @@
+"""SIGKILL ranks after layer 1 of a 3-layer model, resume, and get an uninterrupted run's bytes.
+
+The ranks are spawned processes (gloo on loopback, like torchrun's workers). The kill
+is deterministic without any hook in the library: the child process wraps
+``ResumePoints.after_layer`` (or a layer's group callback, for "mid-calibration") and
+sends itself SIGKILL at the chosen point, so the run dies at exactly that place every
+time. A killed rank gets no chance to clean up; the others must notice on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gptqflow.framework.compose import compose_recipe
+
+WEIGHTS = "checkpoint/model.safetensors"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hang() -> None:
+    """Stop without dying: the sockets stay open, so only the collective timeout can tell."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _rank(rank: int, world: int, port: int, resolved: dict[str, Any], kill: str | None) -> None:
+    """One rank. ``kill``: None, "after-point-1", "mid-layer-1" (this rank dies there) or
+    "hang-mid-layer-1" (it stops there)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if world > 1:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+        )
+    import torch
+
+    torch.set_num_threads(1)
+    from gptqflow.framework.api import execute
+    from gptqflow.framework.launcher import run_rank
+    from gptqflow.framework.resume import ResumePoints
+    from gptqflow.stages.calibrate import CalibrateStage
+
+    if kill == "after-point-1":
+        after_layer = ResumePoints.after_layer
+
+        def die_after(self: Any, state: Any, done: int, n_layers: int) -> None:
+            after_layer(self, state, done, n_layers)
+            if done == 1:
+                _die()
+
+        ResumePoints.after_layer = die_after  # type: ignore[method-assign]
+    elif kill in ("mid-layer-1", "hang-mid-layer-1"):
+        run_layer = CalibrateStage.run_layer
+        fault = _die if kill == "mid-layer-1" else _hang
+
+        def die_inside(self: Any, state: Any, ctx: Any, index: int, on_group: Any) -> None:
+            # layer 1's first group: its Hessian is built, its all-reduce never happens
+            run_layer(self, state, ctx, index, (lambda step: fault()) if index == 1 else on_group)
+
+        CalibrateStage.run_layer = die_inside  # type: ignore[method-assign]
+    raise SystemExit(run_rank(lambda: execute(resolved)))
+
+
+def recipe(model: Path, out: Path, world: int, *extra: str) -> dict[str, Any]:
+    return compose_recipe(
+        "gptq_w4a16",
+        [
+            f"model.path={model}",
+            f"output_dir={out}",
+            "dataset.num_samples=4",
+            "dataset.seq_len=32",
+            "dataset.eval_tokens=256",
+            "runtime.progress=false",
+            "runtime.num_threads=1",
+            "runtime.checkpoint_every=1",
+            "runtime.timeout_s=30",
+            f"runtime.nproc_per_node={world}",
+            *extra,
+        ],
+    )
+
+
+def launch(
+    resolved: dict[str, Any], world: int, kills: dict[int, str], deadline_s: float = 120
+) -> tuple[list[int | None], float]:
+    """Start ``world`` ranks; return their exit codes (None: still running at the deadline)."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank, args=(r, world, port, resolved, kills.get(r)))
+        for r in range(world)
+    ]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=max(1.0, deadline_s - (time.monotonic() - start)))
+    elapsed = time.monotonic() - start
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes, elapsed
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted one-rank run (N ranks give the same bytes: tests/dist/test_world_size.py)."""
+    out = tmp_path_factory.mktemp("reference")
+    codes, _ = launch(recipe(tiny_llama3_dir, out, 1), 1, {})
+    assert codes == [0]
+    return out
+
+
+def _killed_then_resumed(
+    model: Path, out: Path, world: int, kills: dict[int, str], layers_done: int
+) -> dict[str, Any]:
+    codes, elapsed = launch(recipe(model, out, world), world, kills)
+    for r in range(world):
+        want = -signal.SIGKILL if r in kills else 1
+        assert codes[r] == want, f"exit codes {codes} after {elapsed:.0f}s (None: a hang)"
+    m = json.loads((out / "resume" / "manifest.json").read_text())
+    assert (m["layers_done"], m["world_size"]) == (layers_done, world)
+    assert not (out / "checkpoint").exists()
+    codes, elapsed = launch(recipe(model, out, world, "runtime.resume=true"), world, {})
+    assert codes == [0] * world, f"resume: exit codes {codes} after {elapsed:.0f}s"
+    assert not (out / "resume").exists()
+    return dict(json.loads((out / "report.json").read_text()))
+
+
+def test_sigkill_one_rank_run_after_layer_1(
+    tiny_llama3_dir: Path, reference: Path, tmp_path: Path
+) -> None:
+    report = _killed_then_resumed(tiny_llama3_dir, tmp_path, 1, {0: "after-point-1"}, 1)
+    assert (tmp_path / WEIGHTS).read_bytes() == (reference / WEIGHTS).read_bytes()
+    assert [layer["index"] for layer in report["layers"]] == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kills",
+    [{0: "after-point-1", 1: "after-point-1"}, {1: "after-point-1"}, {0: "after-point-1"}],
+    ids=["all-ranks", "rank1", "rank0"],
+)
+def test_sigkill_two_ranks_after_layer_1(
+    tiny_llama3_dir: Path,
+    reference: Path,
+    tmp_path: Path,
+    kills: dict[int, str],
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    _killed_then_resumed(tiny_llama3_dir, tmp_path, 2, kills, 1)
+    assert (tmp_path / WEIGHTS).read_bytes() == (reference / WEIGHTS).read_bytes()
+    err = capfd.readouterr().err
+    for lost in kills if len(kills) == 1 else ():
+        assert f"lost contact with rank {lost}" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_calibration(
+    tiny_llama3_dir: Path, reference: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 1 dies inside layer 1's forward: rank 0 exits naming it; resume from layer 1."""
+    _killed_then_resumed(tiny_llama3_dir, tmp_path, 2, {1: "mid-layer-1"}, 1)
+    assert (tmp_path / WEIGHTS).read_bytes() == (reference / WEIGHTS).read_bytes()
+    err = capfd.readouterr().err
+    assert "gptqflow: error on rank 0: lost contact with rank 1" in err, err[-3000:]
+    shutil.rmtree(tmp_path / "checkpoint")
+
+
+@pytest.mark.slow
+def test_hung_rank_ends_the_run_within_the_collective_timeout(
+    tiny_llama3_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 1 stops (SIGSTOP) inside layer 1: rank 0 gives up after runtime.timeout_s."""
+    resolved = recipe(tiny_llama3_dir, tmp_path, 2, "runtime.timeout_s=5")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_rank, args=(r, 2, port, resolved, "hang-mid-layer-1" if r else None))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        procs[0].join(timeout=120)
+        assert procs[0].exitcode == 1, f"rank 0: exit code {procs[0].exitcode} (None: a hang)"
+        assert procs[1].is_alive(), "rank 1 is stopped, not dead"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    err = capfd.readouterr().err
+    assert "gptqflow: error on rank 0: lost contact with rank 1 during an all-reduce" in err, err[
+        -3000:
+    ]
+    assert "runtime.timeout_s=5s" in err
+    assert json.loads((tmp_path / "resume" / "manifest.json").read_text())["layers_done"] == 1
