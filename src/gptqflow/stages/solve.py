@@ -1,9 +1,11 @@
 """``solve``: GPTQ (or round-to-nearest) on this rank's row slices of the current group.
 
-Consumes: ``step.plan``, ``step.full_hessian``, the group's float weights.
-Produces: ``step.results`` (this rank's slices as QuantResults) and
-``state.quant_args``. Collectives: none; the solver is a pure function of
-(weight, Hessian, quant args).
+Consumes: ``step.plan``, ``step.shared_factor``, ``step.full_hessian``, the group's
+float weights. Produces: ``step.results`` (this rank's slices as QuantResults) and
+``state.quant_args``. Collectives: none for a local factorisation; for a shared one
+(``step.shared_factor``), one asynchronous broadcast per factor panel, in which
+every rank takes part (:class:`RankExchange`). The solver itself is a pure function
+of (weight, Hessian, quant args): how panels travel is handed to it.
 
 Numerics are checked where a problem first shows, so it is reported with its layer
 and module and never reaches a checkpoint: a Hessian with NaN/Inf (non-finite
@@ -15,8 +17,9 @@ non positive-definite after the dampening retries stops the run too, unless
 listed under ``fallbacks`` in report.json. That decision depends only on the
 reduced Hessian, so every rank makes the same one.
 
-The inverse-Hessian factor is computed once per rank per group and shared by all of
-the rank's slices (q, k and v reuse one factorisation).
+The Hessian's factor is computed once per group (on each rank with rows, or by all
+ranks together) and shared by all of the rank's slices (q, k and v reuse one
+factorisation).
 
 ```yaml
 - stage: solve
@@ -38,10 +41,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.distributed import DistContext, Handle
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
+from gptqflow.gptq.cholesky import LOCAL, PanelExchange
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
@@ -73,14 +77,23 @@ class SolveStage(Stage):
         mine = [s for s in step.plan if s.rank == ctx.rank]
         start = time.perf_counter()
         check_finite_inputs(step)
+        gptq = self.config.method == "gptq"
+        exchange: PanelExchange = RankExchange(ctx) if step.shared_factor else LOCAL
+        if not mine and gptq and step.shared_factor:
+            # No rows here, but every rank takes part in a shared factorisation.
+            assert step.full_hessian is not None
+            try:
+                prepare_factor(step.full_hessian, args, exchange=exchange)
+            except CholeskyError as exc:
+                self._cholesky_failed(step, exc, ctx)
         if mine:
             assert step.full_hessian is not None
             h = step.full_hessian
             factor = None
             fallback: str | None = None
-            if self.config.method == "gptq":
+            if gptq:
                 try:
-                    factor = prepare_factor(h, args)
+                    factor = prepare_factor(h, args, exchange=exchange)
                 except CholeskyError as exc:
                     fallback = self._cholesky_failed(step, exc, ctx)
             # All of this rank's slices share the Hessian, so they are stacked into one
@@ -234,3 +247,35 @@ class SolveConfig(StageConfig):
         description="Compute tr((W-Q)H(W-Q)ᵀ) per module for report.json (costs about one more "
         "sweep's worth of matmuls).",
     )
+
+
+class RankExchange:
+    """Panels of a shared factorisation, owned round-robin by all ranks and broadcast.
+
+    Implements :class:`~gptqflow.gptq.cholesky.PanelExchange` with the
+    ``DistContext`` verbs: panel ``k`` belongs to rank ``k % world_size``, which
+    broadcasts it (asynchronously) as soon as it is factorised.
+    """
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+
+    def owns(self, k: int) -> bool:
+        return k % self.ctx.world_size == self.ctx.rank
+
+    def share(self, k: int, panel: torch.Tensor) -> _Arrival:
+        bufs, handles = self.ctx.broadcast_from(k % self.ctx.world_size, [panel])
+        return _Arrival(panel, bufs[0], handles)
+
+
+class _Arrival:
+    """A panel in flight; ``wait`` leaves it in the panel (copied if it travelled elsewhere)."""
+
+    def __init__(self, panel: torch.Tensor, buf: torch.Tensor, handles: list[Handle]) -> None:
+        self.panel, self.buf, self.handles = panel, buf, handles
+
+    def wait(self) -> None:
+        for h in self.handles:
+            h.wait()
+        if self.buf is not self.panel:
+            self.panel.copy_(self.buf)
