@@ -100,3 +100,41 @@ def test_report_of_the_sweep(
     assert "does not divide" in rows[2]["error"] and rows[2]["solve s"] == ""
     md = (out / "report.md").read_text()
     assert "4 run(s), 1 ok, 3 failed" in md and "![report-stages](report-stages.png)" in md
+
+
+def test_example_sweep_recipe_lists_its_four_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gptqflow.framework import launcher
+
+    seen: list[tuple[str, int, int]] = []
+
+    def record(resolved: dict[str, Any]) -> None:
+        s = resolved["scheme"]
+        seen.append((s["name"], s["group_size"], resolved["dataset"]["num_samples"]))
+
+    monkeypatch.setattr(launcher, "run_resolved", record)
+    argv = ["run", "--config-name", "smollm2_sweep", "-m", f"output_dir={tmp_path / 'sw'}"]
+    assert main(argv) == 0
+    assert sorted(seen) == [
+        ("w3a16", 64, 32),
+        ("w3a16", 64, 128),
+        ("w4a16", 64, 32),
+        ("w4a16", 64, 128),
+    ]
+
+
+def test_example_sweep_then_report_on_the_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The documented two commands, with the calibration made tiny (2 runs: w4a16, w3a16)."""
+    out = tmp_path / "example"
+    run = ["run", "--config-name", "smollm2_sweep", "-m", f"output_dir={out}"]
+    assert main([*run, f"model.path={tiny_llama_dir}", "dataset.num_samples=4", *SMALL]) == 0
+    assert main(["report", str(out)]) == 0
+    with (out / "report.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["status"], r["scheme"], r["bits"]) for r in rows] == [
+        ("0", "ok", "w4a16", "4"),
+        ("1", "ok", "w3a16", "3"),
+    ]
+    assert all(float(r["ppl quantized"]) > 1 for r in rows)
+    assert (out / "report-perplexity.png").is_file() and (out / "report-stages.png").is_file()

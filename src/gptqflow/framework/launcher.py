@@ -102,7 +102,7 @@ def hydra_run(argv: list[str]) -> int:
             text = _failure_text(exc)
             _record_failure(out, resolved, text, started, before)
             overrides = " ".join(hc.overrides.task)
-            failures.append(f"{out} ({overrides}): {text.splitlines()[0] if text else ''}")
+            failures.append(f"{out} ({overrides}): {' '.join(text.split())}")
 
     _check_run_dir(argv)
     saved = sys.argv
