@@ -195,12 +195,13 @@ def test_existing_point_needs_resume_or_overwrite(tiny_llama3_dir: Path, interru
 
 def test_damaged_file_is_refused(tiny_llama3_dir: Path, interrupted: Path) -> None:
     m = manifest(interrupted)
-    victim = interrupted / RESUME_DIR / m["hidden"][0]["file"]
+    victim = interrupted / RESUME_DIR / m["ranks"][0]["hidden"]["file"]
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(ResumeError, match=r"damaged: hidden-00001-rank00000.pt has 100 bytes"):
         run(tiny_llama3_dir, interrupted, "runtime.resume=true")
 
 
+@pytest.mark.slow
 def test_no_points_by_default_for_small_models(tiny_llama3_dir: Path, tmp_path: Path) -> None:
     """Auto (null) writes none for 3 layers; the ordinary path never creates the directory."""
     seen: list[int] = []
@@ -232,3 +233,34 @@ def test_no_points_by_default_for_small_models(tiny_llama3_dir: Path, tmp_path: 
 )
 def test_checkpoint_interval(setting: int | None, layers: int, expected: int) -> None:
     assert checkpoint_interval(setting, layers) == expected
+
+
+def test_solve_fallbacks_before_the_crash_are_reported(
+    tiny_llama3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Modules rounded to nearest (scheme.on_failure=rtn) in layer 0 stay in report.json."""
+    from gptqflow.stages import solve
+
+    original = solve.SolveStage.run_step
+
+    def indefinite_mlp(self: Any, state: Any, step: Any, ctx: Any) -> None:
+        if step.names[0].endswith("mlp.gate_proj"):
+            assert step.full_hessian is not None
+            step.full_hessian = step.full_hessian.clone()
+            step.full_hessian[0, 0] = -1e9  # no dampening outweighs it: GPTQ fails, RTN is used
+        original(self, state, step, ctx)
+
+    monkeypatch.setattr(solve.SolveStage, "run_step", indefinite_mlp)
+    with crash_after_point(1), pytest.raises(_Crash):
+        run(tiny_llama3_dir, tmp_path, "scheme.on_failure=rtn", "dataset.eval_tokens=0")
+    report = run(
+        tiny_llama3_dir,
+        tmp_path,
+        "scheme.on_failure=rtn",
+        "dataset.eval_tokens=0",
+        "runtime.resume=true",
+    )
+    modules = [(f["layer"], f["module"]) for f in report["fallbacks"]]
+    assert modules == [
+        (i, f"model.layers.{i}.mlp.{m}") for i in (0, 1, 2) for m in ("gate_proj", "up_proj")
+    ]

@@ -17,7 +17,8 @@ A point after ``b`` layers consists of:
 * ``hidden-<b>-rank<r>.pt`` (every rank, for its own samples): the inputs of layer
   ``b`` (the outputs of the quantized layer ``b-1``), the token count so far and the
   RNG state. Later layers read nothing else from earlier ones, so no earlier layer is
-  recomputed. Not written after the last layer (nothing reads it).
+  recomputed. Not written after the last layer (nothing reads it). The rank's solve
+  fallbacks (``scheme.on_failure: rtn``) go into the manifest.
 * ``manifest.json`` (rank 0, written last, once every rank has written its files):
   the recipe as validated (minus the settings that cannot change the result), its
   hash, the world size, the layers done, the files with their sizes, the per-layer
@@ -313,8 +314,10 @@ class ResumePoints:
             for name, parts in saved.items():
                 state.quantized[name] = _reinstall(state.model, name, parts, args)
                 self.saved.add(name)
+        mine_entry = m["ranks"][self.ctx.rank]
+        state.fallbacks[:] = mine_entry["fallbacks"]
         if self.done < n_layers:
-            entry = m["hidden"][self.ctx.rank]
+            entry = mine_entry["hidden"]
             mine = _load_tensors(self.dir / entry["file"], entry["bytes"])
             state.extra["hidden"] = mine["hidden"].to(self.ctx.device)
             state.extra["tokens_calibrated"] = int(mine["tokens"])
@@ -336,7 +339,7 @@ class ResumePoints:
             name = f"quantized-{self.done:05d}-{done:05d}.pt"
             size = _save_tensors(self.dir / name, {n: _parts(state.quantized[n]) for n in new})
             quantized.append({"file": name, "bytes": size})
-        mine: dict[str, Any] | None = None
+        mine: dict[str, Any] = {"hidden": None, "fallbacks": state.fallbacks}
         if done < n_layers:
             name = f"hidden-{done:05d}-rank{ctx.rank:05d}.pt"
             payload = {
@@ -344,8 +347,8 @@ class ResumePoints:
                 "tokens": state.extra["tokens_calibrated"],
                 "rng": torch.get_rng_state(),
             }
-            mine = {"file": name, "bytes": _save_tensors(self.dir / name, payload)}
-        hidden = ctx.gather_objects(mine)  # also the barrier: every rank's file is on disk
+            mine["hidden"] = {"file": name, "bytes": _save_tensors(self.dir / name, payload)}
+        ranks = ctx.gather_objects(mine)  # also the barrier: every rank's file is on disk
         if ctx.is_main:
             assert state.quant_args is not None
             manifest = {
@@ -356,7 +359,7 @@ class ResumePoints:
                 "layers_done": done,
                 "num_layers": n_layers,
                 "quantized": quantized,
-                "hidden": hidden if done < n_layers else [],
+                "ranks": ranks,  # per rank: its inputs file and its solve fallbacks
                 "quant_args": asdict(state.quant_args),
                 "perplexity": dict(state.perplexity),
                 "layer_reports": state.layer_reports,
@@ -373,7 +376,8 @@ class ResumePoints:
 
     def _remove_unlisted(self, manifest: dict[str, Any]) -> None:
         """Drop the previous point's inputs and the files of any point never completed."""
-        keep = {MANIFEST} | {e["file"] for e in manifest["quantized"] + manifest["hidden"]}
+        hidden = [r["hidden"] for r in manifest["ranks"] if r["hidden"] is not None]
+        keep = {MANIFEST} | {e["file"] for e in manifest["quantized"] + hidden}
         for path in self.dir.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)
