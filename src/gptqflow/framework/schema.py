@@ -113,7 +113,11 @@ class RuntimeGroup(_Group):
         description="torch threads per rank (null: torch default).",
         json_schema_extra={"unit": "threads"},
     )
-    progress: bool = Field(True, description="Progress bars on rank 0 when stdout is a terminal.")
+    progress: bool = Field(
+        True,
+        description="Layer progress bar on rank 0 when stderr is a terminal (layers done, "
+        "seconds per layer, tokens per second).",
+    )
     timeout_s: float = Field(
         600.0,
         gt=0,
