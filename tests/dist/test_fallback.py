@@ -1,0 +1,100 @@
+"""``scheme.on_failure=rtn`` on 2 gloo ranks: the same modules fall back as on 1 rank,
+report.json lists each once (whichever rank solved it), and the checkpoints hold the
+same integers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gptqflow.framework.compose import compose_recipe
+from gptqflow.modeling.checkpoint import read_quantized_codes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _indefinite_mlp_hessians() -> None:
+    """Make every layer's reduced gate/up Hessian indefinite (see tests/e2e/test_hostile.py)."""
+    from gptqflow.stages.solve import SolveStage
+
+    original = SolveStage.run_step
+
+    def run_step(self: Any, state: Any, step: Any, ctx: Any) -> None:
+        if step.names[0].endswith("mlp.gate_proj"):
+            step.full_hessian = step.full_hessian.clone()
+            step.full_hessian[0, 0] = -1e9
+        original(self, state, step, ctx)
+
+    SolveStage.run_step = run_step  # type: ignore[method-assign]
+
+
+def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    _indefinite_mlp_hessians()
+    from gptqflow.framework.api import execute
+
+    execute(resolved)
+
+
+def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
+    resolved = compose_recipe(
+        "gptq_w4a16",
+        [
+            f"model.path={model}",
+            f"output_dir={out}",
+            "dataset.num_samples=4",
+            "dataset.seq_len=32",
+            "dataset.eval_tokens=0",
+            "runtime.progress=false",
+            "runtime.num_threads=1",
+            f"runtime.nproc_per_node={world_size}",
+            "scheme.on_failure=rtn",
+        ],
+    )
+    mp.start_processes(
+        _rank_main,
+        args=(world_size, _free_port(), resolved),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
+
+
+@pytest.mark.slow
+def test_fallback_is_the_same_on_one_and_two_ranks(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    one = _run(1, tiny_llama_dir, tmp_path / "ws1")
+    two = _run(2, tiny_llama_dir, tmp_path / "ws2")
+    expected = [(i, f"model.layers.{i}.mlp.{m}") for i in (0, 1) for m in ("gate_proj", "up_proj")]
+    for report in (one, two):
+        assert report["status"] == "ok"
+        assert [(f["layer"], f["module"]) for f in report["fallbacks"]] == expected
+    # Every module was solved (GPTQ or RTN) by some rank and recorded by that rank.
+    by_rank = [{f["module"] for f in r["fallbacks"]} for r in two["ranks"]]
+    assert set().union(*by_rank) == {m for _, m in expected}
+    a = read_quantized_codes(tmp_path / "ws1" / "checkpoint")
+    b = read_quantized_codes(tmp_path / "ws2" / "checkpoint")
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
