@@ -439,3 +439,21 @@ def test_eval_command_checks_the_model_dir_too(
     (model / WEIGHTS).write_bytes(b"\x01" * 7)
     assert main(argv) == 1
     assert f"{model / WEIGHTS}: not a valid safetensors file" in capsys.readouterr().err
+
+
+def test_non_finite_layer_outputs_are_named(model: Path, tmp_path: Path) -> None:
+    """NaN that no Hessian sees (an unquantized down_proj of the last layer) is caught at
+    the layer's output."""
+    from gptqflow.framework.api import execute
+    from gptqflow.framework.errors import GptqflowError
+
+    _edit_weight(model, "model.layers.1.mlp.down_proj.weight", (0, 0), float("nan"))
+    out = tmp_path / "out"
+    resolved = compose_recipe("gptq_w4a16", [f"model.path={model}", f"output_dir={out}", *SMALL])
+    calibrate = next(s for s in resolved["stages"] if s["stage"] == "calibrate")
+    calibrate["ignore"] = ["lm_head", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(
+        GptqflowError, match=r"layer 1 \(model\.layers\.1\): its outputs have \d+ NaN"
+    ):
+        execute(resolved)
+    assert not (out / "checkpoint").exists()
