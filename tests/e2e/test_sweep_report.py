@@ -124,6 +124,7 @@ def test_example_sweep_recipe_lists_its_four_runs(
     ]
 
 
+@pytest.mark.slow  # two full tiny runs: ~10 s on a busy machine; the sweep above covers report
 def test_example_sweep_then_report_on_the_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """The documented two commands, with the calibration made tiny (2 runs: w4a16, w3a16)."""
     out = tmp_path / "example"
