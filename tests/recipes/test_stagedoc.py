@@ -40,9 +40,8 @@ def undocumented(model: type[BaseModel]) -> list[str]:
     """Fields without a one-line description, and numbers that do not declare a unit."""
     out = []
     for name, info in model.model_fields.items():
-        if name == "stage" or isinstance(info.annotation, type) and issubclass(
-            info.annotation, BaseModel
-        ):
+        nested = isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        if name == "stage" or nested:
             continue  # the discriminator; nested groups are checked on their own
         desc = info.description or ""
         if not desc.strip() or "\n" in desc:
