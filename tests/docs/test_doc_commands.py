@@ -167,9 +167,17 @@ def _blocks(path: Path) -> tuple[list[Block], list[str]]:
     return fenced_blocks(path.read_text(), str(path.relative_to(REPO)))
 
 
+def _wants_run(block: Block) -> bool:
+    """A ``test: run`` block (a malformed marker is reported by the fast test, not here)."""
+    try:
+        return block.marker is not None and parse_marker(block.marker).run
+    except ValueError:
+        return False
+
+
 def _runnable(path: Path) -> list[Block]:
     blocks, _ = _blocks(path)
-    return [b for b in blocks if b.marker is not None and parse_marker(b.marker).run]
+    return [b for b in blocks if b.language in SHELL_LANGUAGES and _wants_run(b)]
 
 
 # --- fast: the markers ------------------------------------------------------------------
