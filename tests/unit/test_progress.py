@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 
 import pytest
@@ -67,3 +68,25 @@ def test_disabled_bar_iterates_silently(capsys: pytest.CaptureFixture[str]) -> N
 )
 def test_format_tokens(n: float, text: str) -> None:
     assert format_tokens(n) == text
+
+
+def test_log_lines_print_above_the_bar_and_handlers_come_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    log = logging.getLogger("gptqflow")
+    handler = logging.StreamHandler(term)
+    log.addHandler(handler)
+    monkeypatch.setattr(log, "level", logging.INFO)
+    try:
+        bar = LayerProgress(range(2), 2, True, tokens=64, file=term)
+        for index in bar:
+            bar.layer_done(0.25)
+            log.info("layer %d logged", index)
+        assert handler in log.handlers  # the console handler is back after the loop
+    finally:
+        log.removeHandler(handler)
+    text = term.getvalue()
+    assert "layer 0 logged\n" in text and "layer 1 logged\n" in text
+    assert "]layer" not in text  # never glued to the end of the bar's line

@@ -8,6 +8,7 @@ stderr (where tqdm draws) is redirected to a file or a pipe, or with
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, TextIO
@@ -52,6 +53,16 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _prints(logger: logging.Logger) -> bool:
+    """Whether ``logger`` has its own handler writing to the console (stdout or stderr)."""
+    return any(
+        isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+        and h.stream in (sys.stdout, sys.stderr)
+        for h in logger.handlers
+    )
+
+
 class LayerProgress:
     """Iterate over layer indices; on rank 0 at a terminal, draw ``layers k/N`` with per-layer stats.
 
@@ -80,10 +91,18 @@ class LayerProgress:
             self.bar = tqdm(total=total, initial=indices.start, desc=desc, unit="layer", file=file)
 
     def __iter__(self) -> Iterator[int]:
-        try:
+        if self.bar is None:
             yield from self.indices
-        finally:
-            if self.bar is not None:
+            return
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # Console log lines go through tqdm.write while the bar is up, so a layer's log
+        # line prints above the bar instead of being glued to its end.
+        loggers = [lg for lg in (logging.getLogger(), logging.getLogger("gptqflow")) if _prints(lg)]
+        with logging_redirect_tqdm(loggers=loggers, tqdm_class=type(self.bar)):
+            try:
+                yield from self.indices
+            finally:
                 self.bar.close()
 
     def postfix(self, seconds: float) -> dict[str, str]:
