@@ -199,18 +199,22 @@ def test_validate_recipe_never_crashes(composed: dict[str, Any], data: st.DataOb
         assert all(s.stage in registered() for s in valid.stages)
 
 
-@FUZZ
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "recipe.yaml"
+
+
+@settings(FUZZ, max_examples=100)
 @given(data=st.data())
 def test_lint_of_a_resolved_recipe_never_crashes(
-    composed: dict[str, Any], data: st.DataObject, tmp_path_factory: pytest.TempPathFactory
+    composed: dict[str, Any], scratch: Path, data: st.DataObject
 ) -> None:
     recipe = mutate(data, composed[data.draw(st.sampled_from(TOP_LEVEL))])
-    path = tmp_path_factory.mktemp("fuzz") / "recipe.yaml"
-    if not _yaml_dump(recipe, path):
+    if not _yaml_dump(recipe, scratch):
         return
-    problems = lint_file(path)
+    problems = lint_file(scratch)
     if problems:
-        _check_problems(problems, str(path))
+        _check_problems(problems, str(scratch))
 
 
 @pytest.fixture(scope="module")
