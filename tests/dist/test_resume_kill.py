@@ -15,6 +15,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -218,3 +220,60 @@ def test_hung_rank_ends_the_run_within_the_collective_timeout(
     ]
     assert "runtime.timeout_s=5s" in err
     assert json.loads((tmp_path / "resume" / "manifest.json").read_text())["layers_done"] == 1
+
+
+def _cli(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gptqflow",
+        "run",
+        f"model.path={model}",
+        f"output_dir={out}",
+        "dataset.num_samples=16",
+        "dataset.seq_len=128",
+        "dataset.eval_tokens=0",
+        "runtime.progress=false",
+        "runtime.num_threads=1",
+        "runtime.checkpoint_every=1",
+        "runtime.nproc_per_node=2",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_killing_the_whole_cli_run_from_outside(tiny_llama3_dir: Path, tmp_path: Path) -> None:
+    """`gptqflow run runtime.nproc_per_node=2` (driver, torchrun agent, 2 workers) is killed
+    with SIGKILL by a watcher as soon as the resume point of layer 1 appears; the same
+    command with runtime.resume=true then writes the bytes of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(
+        _cli(tiny_llama3_dir, tmp_path / "ref"), env=env, capture_output=True, text=True
+    )
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "run"
+    manifest = out / "resume" / "manifest.json"
+    proc = subprocess.Popen(
+        _cli(tiny_llama3_dir, out),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while proc.poll() is None and not manifest.exists():
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver's session: agent and workers too
+    finally:
+        proc.wait()
+    done = json.loads(manifest.read_text())["layers_done"]
+    assert 1 <= done < 3, f"the run got to {done} layers before the kill landed"
+    time.sleep(2)  # workers that outlived their launcher would go on writing (they used to)
+    assert json.loads(manifest.read_text())["layers_done"] == done
+    assert proc.returncode == -signal.SIGKILL and not (out / "checkpoint").exists()
+    again = subprocess.run(
+        _cli(tiny_llama3_dir, out, "runtime.resume=true"), env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / WEIGHTS).read_bytes() == (tmp_path / "ref" / WEIGHTS).read_bytes()
+    assert not (out / "resume").exists()

@@ -256,12 +256,26 @@ def launch_workers(recipe_file: Path, nproc: int) -> None:
     try:
         torchrun_main(args)
     except ChildFailedError as exc:
-        failed = ", ".join(
-            f"rank {r}: {_exit_text(f.exitcode)}" for r, f in sorted(exc.failures.items())
-        )
-        raise GptqflowError(
-            f"the distributed run failed ({failed}); see the rank's message above"
-        ) from None
+        codes = {r: f.exitcode for r, f in exc.failures.items()}
+        raise GptqflowError(failure_text(codes)) from None
+
+
+def failure_text(codes: dict[int, int]) -> str:
+    """What the driver says when ranks failed (rank -> exit code, negative: signal).
+
+    When one rank dies, torchrun's agent stops the others with SIGTERM; those are
+    listed apart so the message points at the rank that failed first.
+    """
+    term = -signal.SIGTERM
+    causes = {r: c for r, c in codes.items() if c != term} or codes
+    failed = ", ".join(f"rank {r}: {_exit_text(c)}" for r, c in sorted(causes.items()))
+    stopped = sorted(set(codes) - set(causes))
+    then = f"; the launcher then stopped rank(s) {stopped}" if stopped else ""
+    return (
+        f"the distributed run failed ({failed}){then}; see the rank's message above (a rank "
+        "killed by a signal prints none: SIGKILL is often the out-of-memory killer). With "
+        "resume points (runtime.checkpoint_every) rerun with runtime.resume=true to continue"
+    )
 
 
 def _exit_text(code: int) -> str:
@@ -297,6 +311,24 @@ def _is_peer_loss(exc: BaseException) -> bool:
     )
 
 
+def _die_with_launcher() -> None:
+    """Linux: have the kernel SIGKILL this rank when the process that started it dies.
+
+    A launcher (``gptqflow run``'s driver, torchrun) killed with SIGKILL cannot stop its
+    workers, and torchrun starts them in sessions of their own, so they would run on
+    as orphans and could still write a checkpoint or resume point while the user
+    restarts the run (measured: they did). With PR_SET_PDEATHSIG they end with it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    from contextlib import suppress
+
+    pr_set_pdeathsig = 1
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def run_rank(fn: Callable[[], object]) -> int:
     """Run one rank's work; on failure print one line naming this rank and the cause, return 1.
 
@@ -306,6 +338,7 @@ def run_rank(fn: Callable[[], object]) -> int:
     traceback is printed too.
     """
     rank = os.environ.get("RANK", "0")
+    _die_with_launcher()
     try:
         fn()
     except GptqflowError as exc:
