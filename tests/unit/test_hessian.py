@@ -85,3 +85,30 @@ def test_add_equals_the_float64_sum_of_chunk_updates_bit_for_bit() -> None:
         expected += hessian_update(c).to(torch.float64)
     assert torch.equal(acc.sum, expected)
     assert acc.count == 5 * 37
+
+
+def test_only_the_upper_strips_are_accumulated_and_finalize_mirrors_them() -> None:
+    """Wider than one strip: the lower part is never computed, the result is still the sum."""
+    from gptqflow.gptq.hessian import STRIP
+
+    cols = 2 * STRIP + 44
+    gen = torch.Generator().manual_seed(4)
+    chunks = [torch.randn(50, cols, generator=gen) for _ in range(3)]
+    acc = HessianSum.zeros(cols)
+    for c in chunks:
+        acc.add(c)
+    # Strip k holds rows [k*STRIP, (k+1)*STRIP) from its diagonal block to the right.
+    assert torch.count_nonzero(acc.sum[STRIP:, :STRIP]) == 0
+    assert torch.count_nonzero(acc.sum[2 * STRIP :, STRIP : 2 * STRIP]) == 0
+    full = acc.symmetric()
+    assert torch.equal(full, full.T)
+    expected = sum(hessian_update(c).double() for c in chunks)
+    torch.testing.assert_close(full, expected, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(acc.finalize(), (expected / 150).float(), rtol=1e-6, atol=1e-6)
+    # The accumulated upper part is exactly what a single add of everything would give
+    # strip by strip, so it is bit-identical however chunks are split over ranks.
+    halves = [HessianSum.zeros(cols), HessianSum.zeros(cols)]
+    for i, c in enumerate(chunks):
+        halves[i % 2].add(c)
+    halves[0].merge(halves[1])
+    assert torch.equal(halves[0].finalize(), acc.finalize())
