@@ -3,7 +3,8 @@
 Measures, with one torch thread (one thread per rank is how the ranks run):
 * ``prepare_factor`` of cols × cols Hessians,
 * ``solve_rows`` (W4, group 128 (64 where 128 does not divide), float32) on row slices of several sizes,
-* a gloo all-reduce and broadcast between two spawned ranks (unless ``--no-comm``),
+* a gloo all-reduce and broadcast between two spawned ranks, and factorisations the two
+  share (wall time; unless ``--no-comm``),
 takes the median of ``--reps`` runs of each shape (process CPU time by default, so
 that other processes on a shared machine do not inflate the constants), fits the constants by
 non-negative least squares in relative error, prints the fit quality and writes
@@ -17,7 +18,9 @@ Run (about 1-2 minutes on a quiet 2-core machine, more on a busy one):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import socket
@@ -28,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
+from gptqflow.gptq.cholesky import FACTOR_BLOCK
 from gptqflow.gptq.cost import (
     DEFAULT_MIN_SWEEP_ROWS,
     CostModel,
@@ -60,6 +65,8 @@ ROWS = {
 # float64 elements per message: a token count and a small buffer pin the latency, then
 # Hessians of 576, 1536, 2048 and 4096 columns the bandwidth.
 COMM_NUMEL = (1, 8192, 576**2, 1536**2, 2048**2, 4096**2)
+# Widths whose factorisation two ranks share (wall time, the slower rank).
+SHARED_COLS = (1536, 2048, 4096, 8192)
 
 
 @dataclass
@@ -174,17 +181,62 @@ def _comm_rank(rank: int, port: int, reps: int, out: str) -> None:
         Path(out).write_text(json.dumps(results))
 
 
-def measure_comm(reps: int) -> list[tuple[str, int, float]]:
-    """(kind, bytes, seconds) for a 2-rank gloo all-reduce and broadcast on loopback."""
+def _shared_rank(rank: int, port: int, reps: int, out: str) -> None:
+    """One of two gloo ranks timing factorisations shared by both (as the solve stage does)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from gptqflow.framework.distributed import DistContext
+    from gptqflow.stages.solve import RankExchange
+
+    ctx = DistContext.from_environment(backend="gloo", device="cpu")
+    results = []
+    try:
+        gen = torch.Generator().manual_seed(1)
+        for cols in SHARED_COLS:
+            h = spd_hessian(cols, gen)
+            args = QuantArgs(bits=4, group_size=128 if cols % 128 == 0 else 64)
+            times = []
+            for _ in range(reps):
+                ctx.barrier()
+                t = time.perf_counter()
+                prepare_factor(h, args, exchange=RankExchange(ctx))
+                times.append(max(ctx.gather_objects(time.perf_counter() - t)))
+            results.append((cols, statistics.median(times)))
+    finally:
+        ctx.close()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def _spawn_two(fn: Callable[..., None], reps: int) -> list[Any]:
+    """Run ``fn(rank, port, reps, out)`` on two spawned gloo ranks; return rank 0's JSON."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "comm.json")
-        mp.start_processes(
-            _comm_rank, args=(port, reps, out), nprocs=2, join=True, start_method="spawn"
-        )
-        return [tuple(r) for r in json.loads(Path(out).read_text())]  # type: ignore[misc]
+        out = str(Path(tmp) / "out.json")
+        mp.start_processes(fn, args=(port, reps, out), nprocs=2, join=True, start_method="spawn")
+        return list(json.loads(Path(out).read_text()))
+
+
+def fit_shared_overhead(model: CostModel, shared: list[tuple[int, float]]) -> float:
+    """``shared_s_per_panel``: least squares (non-negative) of what the model misses per panel."""
+    base = dataclasses.replace(model, shared_s_per_panel=0.0)
+    panels = [math.ceil(c / FACTOR_BLOCK) for c, _ in shared]
+    missed = [t - base.shared_factor_seconds(c, 2) for c, t in shared]
+    theta = sum(m * p for m, p in zip(missed, panels)) / sum(p * p for p in panels)
+    return max(theta, 0.0)
+
+
+def measure_comm(reps: int) -> list[tuple[str, int, float]]:
+    """(kind, bytes, seconds) for a 2-rank gloo all-reduce and broadcast on loopback."""
+    return [tuple(r) for r in _spawn_two(_comm_rank, reps)]
 
 
 def report(name: str, feats: list[list[float]], secs: list[float], theta: list[float]) -> float:
@@ -268,12 +320,23 @@ def main() -> None:
         f"torch {torch.__version__}, 1 thread, {os.cpu_count()} cores, {opts.clock} time; "
         "bench/fit_cost.py",
     )
+    shared: list[tuple[int, float]] = []
+    if not (opts.no_comm or opts.bytes_per_s is not None):
+        shared = [(int(c), float(t)) for c, t in _spawn_two(_shared_rank, opts.reps)]
+        model = dataclasses.replace(model, shared_s_per_panel=fit_shared_overhead(model, shared))
+        for c, t in shared:
+            pred = model.shared_factor_seconds(c, 2)
+            print(
+                f"  shared factor cols {c}: {t:.3f}s on 2 ranks (predicted {pred:.3f}s,"
+                f" alone {model.factor_seconds(c):.3f}s)"
+            )
     data = model.to_dict()
     data["fit"] = {
         "median_relative_error": {"factor": f_err, "sweep": s_err, "comm": c_err},
         "factor_seconds": factor_t,
         "sweep_seconds": sweep_t,
         "comm_seconds": comm,
+        "shared_factor_seconds_2_ranks": shared,
         "cholesky_only_seconds": chol_t,
         "reps": opts.reps,
         "clock": opts.clock,

@@ -13,6 +13,8 @@ slice a rank solves). Each part is a term with its own fitted constant:
   ``r = max(rows, min_sweep_rows)`` because the solver pads small slices:
   ``sweep_overhead_s + sweep_s_per_col·cols + sweep_s_per_row_col·r·cols
   + sweep_s_per_row_col2·r·cols²``;
+* a factorisation shared by ``k`` ranks: the ``cols³`` term over ``k``, plus one
+  broadcast per panel and ``shared_s_per_panel`` (fitted on two ranks);
 * a collective moving ``n`` bytes: ``latency_s`` per message step plus ``n / bytes_per_s``
   (ring all-reduce moves ``2(k-1)/k·n`` per rank), plus ``reduce_s_per_byte`` for the
   ``(k-1)/k·n`` bytes each rank sums in a reduction.
@@ -74,6 +76,7 @@ class CostModel:
     latency_s: float
     bytes_per_s: float
     reduce_s_per_byte: float = 0.0
+    shared_s_per_panel: float = 0.0
     min_sweep_rows: int = DEFAULT_MIN_SWEEP_ROWS
     fitted_on: str = ""
 
@@ -102,8 +105,9 @@ class CostModel:
         ``cols²`` and fixed terms are not; and every panel is broadcast once:
         ``ceil(cols / FACTOR_BLOCK)`` messages, float32 lower panels in all. The
         broadcasts overlap the updates in the pipeline, but are counted in full so
-        the planner only shares where it clearly pays. At one rank this is
-        :meth:`factor_seconds`.
+        the planner only shares where it clearly pays. ``shared_s_per_panel`` is what
+        a measured shared factorisation costs beyond that, per panel (waits for the
+        panel's owner, Python per step). At one rank this is :meth:`factor_seconds`.
         """
         if ranks <= 1:
             return self.factor_seconds(cols)
@@ -114,7 +118,7 @@ class CostModel:
             self.factor_overhead_s
             + self.factor_s_per_col2 * c * c
             + self.factor_s_per_col3 * c**3 / ranks
-            + panels * math.ceil(math.log2(ranks)) * self.latency_s
+            + panels * (math.ceil(math.log2(ranks)) * self.latency_s + self.shared_s_per_panel)
             + panel_bytes / self.bytes_per_s
         )
 
