@@ -457,3 +457,20 @@ def test_non_finite_layer_outputs_are_named(model: Path, tmp_path: Path) -> None
     ):
         execute(resolved)
     assert not (out / "checkpoint").exists()
+
+
+def test_weights_missing_a_tensor_are_refused(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers would fill the missing tensor with random values and carry on."""
+    tensors = load_file(str(model / WEIGHTS))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(model / WEIGHTS), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    _refused(
+        _run(model, out),
+        capsys,
+        out,
+        "the weight files lack 1 tensor(s)",
+        "['model.layers.1.mlp.down_proj.weight']",
+    )

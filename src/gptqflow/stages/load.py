@@ -16,8 +16,9 @@ so a model larger than device memory can be quantized.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -28,6 +29,8 @@ from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import PipelineState
 from gptqflow.modeling.modeldir import check_model_dir
 from gptqflow.modeling.structure import decoder_layers
+
+log = logging.getLogger("gptqflow")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +53,7 @@ class LoadStage(Stage):
         )
         dtype = "auto" if self.config.dtype == "auto" else DTYPES[self.config.dtype]
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=dtype,
                 local_files_only=True,
@@ -58,18 +61,46 @@ class LoadStage(Stage):
                 # Never fall back to pickle files when safetensors exist.
                 use_safetensors=weights.safetensors,
                 low_cpu_mem_usage=True,
+                output_loading_info=True,
             )
         except Exception as exc:  # safetensors, torch and transformers raise many types
             raise GptqflowError(
                 f"model.path={str(path)!r}: cannot load the model "
                 f"({type(exc).__name__}: {exc}); check that the directory is complete"
             ) from exc
+        model, info = loaded  # (model, loading info) with output_loading_info=True
+        _check_loading_info(path, info)
         model.eval()
         model.requires_grad_(False)
         state.model = model
         state.model_dir = path
         state.tokenizer = load_tokenizer(path)
         _, state.layers = decoder_layers(model)
+
+
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Refuse weights that do not cover the architecture.
+
+    transformers fills tensors missing from the files with fresh random values and
+    only logs it; quantizing that model would ship a checkpoint that loads and
+    produces noise. Extra tensors are harmless (they are not loaded) and only logged.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise GptqflowError(
+            f"model.path={str(path)!r}: the weight files lack {len(missing)} tensor(s) that "
+            f"config.json's architecture needs (e.g. {missing[:3]}); transformers would fill "
+            "them with random values. The directory is incomplete or its weights belong to "
+            "another config: copy or download it again"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        log.warning(
+            "%s: %d tensor(s) in the weight files are not used by the architecture (e.g. %s)",
+            path,
+            len(unexpected),
+            unexpected[:3],
+        )
 
 
 @register_stage("load", LoadStage)
