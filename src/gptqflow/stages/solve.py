@@ -153,8 +153,9 @@ def check_finite_inputs(step: GroupStep) -> None:
     if h is not None and (bad := _nonfinite(h)):
         raise GptqflowError(
             f"{where}, {', '.join(step.names)}: the Hessian has {bad} NaN/Inf entries of "
-            f"{h.numel()}: the activations entering these modules are not finite (check the "
-            "model's weights and dtype, e.g. model.dtype=float32 if float16 overflows)"
+            f"{h.numel()}: the activations entering these modules are not finite, or so large "
+            "that their squares overflow float32 (check the model's weights and dtype, e.g. "
+            "model.dtype=float32 if float16 overflows)"
         )
     for name, mod in zip(step.names, step.modules):
         if bad := _nonfinite(mod.weight):
