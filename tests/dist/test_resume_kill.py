@@ -277,3 +277,15 @@ def test_killing_the_whole_cli_run_from_outside(tiny_llama3_dir: Path, tmp_path:
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / WEIGHTS).read_bytes() == (tmp_path / "ref" / WEIGHTS).read_bytes()
     assert not (out / "resume").exists()
+
+
+@pytest.mark.slow
+def test_three_ranks_name_the_one_they_lost(
+    tiny_llama3_dir: Path, reference: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With more than two ranks the survivors find the lost one through the rendezvous store."""
+    _killed_then_resumed(tiny_llama3_dir, tmp_path, 3, {2: "mid-layer-1"}, 1)
+    assert (tmp_path / WEIGHTS).read_bytes() == (reference / WEIGHTS).read_bytes()
+    err = capfd.readouterr().err
+    for survivor in (0, 1):
+        assert f"error on rank {survivor}: lost contact with rank 2 during" in err, err[-3000:]
