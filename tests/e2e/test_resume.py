@@ -121,6 +121,7 @@ def test_resume_is_byte_identical_to_an_uninterrupted_run(
     # The reinstalled layers 0 are the broadcast weights: the evaluation sees the same model.
     assert report["perplexity"] == ref_report["perplexity"]
     assert [r["index"] for r in report["layers"]] == [0, 1, 2]
+    assert report["resumed_after_layers"] == 1 and ref_report["resumed_after_layers"] is None
     assert "evaluate" not in report["stages"], "the baseline comes from the resume point"
     assert not (interrupted / RESUME_DIR).exists(), "deleted after a successful run"
     assert not (ref_dir / RESUME_DIR).exists()

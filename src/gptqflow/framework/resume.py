@@ -206,14 +206,11 @@ class ResumePoints:
         self.manifest: dict[str, Any] | None = None  # the newest complete point
         self.every = 0
         self.done = 0  # layers covered by the newest point
+        self.resumed_after: int | None = None  # layers done in the point this run resumed
         self.saved: set[str] = set()  # modules already in a quantized-*.pt file
         self.quantized_files: list[dict[str, Any]] = []  # rank 0: the files holding them
         self.loop_started = False
         self.write_seconds = 0.0
-
-    @property
-    def resuming(self) -> bool:
-        return self.manifest is not None
 
     # -------------------------------------------------------------- start
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -263,7 +260,7 @@ class ResumePoints:
         if found is not None and rt.resume:
             self._validate(found)
             self.manifest = found
-            self.done = int(found["layers_done"])
+            self.done = self.resumed_after = int(found["layers_done"])
             self.quantized_files = list(found["quantized"])
             log.info(
                 "resuming from %s: %d of %d layers done",

@@ -282,6 +282,8 @@ class Runner:
             "perplexity": dict(state.perplexity),
             "checkpoint": None if state.checkpoint_dir is None else str(state.checkpoint_dir),
             "layers": state.layer_reports,
+            # Layers already done in the resume point this run continued from (None: not resumed).
+            "resumed_after_layers": self.resume.resumed_after,
             # Modules rounded to nearest instead of GPTQ (solve on_failure: rtn), from every rank.
             "fallbacks": merge_fallbacks(x["fallbacks"] for x in ranks),
             "ranks": ranks,
