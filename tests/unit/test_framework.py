@@ -86,3 +86,24 @@ def test_plan_command_prints_both_planners(capsys: pytest.CaptureFixture[str]) -
     assert "llama3-8b" in out and "ours" in out and "columns" in out
     assert main(["plan", str(cfg), "--world-sizes", "0"]) == 1
     assert "--world-sizes" in capsys.readouterr().err
+
+
+def test_launcher_inserts_its_overrides_next_to_the_users() -> None:
+    """Hydra takes overrides as one run of words: ours must not land after a flag."""
+    from gptqflow.framework.launcher import _add_overrides, _place_hydra_dirs
+
+    extra = ["hydra.job.name=run"]
+    assert _add_overrides(["a=1", "--cfg", "job"], extra) == ["a=1", *extra, "--cfg", "job"]
+    assert _add_overrides(["--cfg", "job"], extra) == ["--cfg", "job", *extra]
+    assert _add_overrides(["-m", "a=1,2", "b=3"], extra) == ["-m", "a=1,2", "b=3", *extra]
+    assert _place_hydra_dirs(["output_dir=o", "--cfg", "job"]) == [
+        "output_dir=o",
+        "hydra.run.dir=o",
+        "--cfg",
+        "job",
+    ]
+    assert _place_hydra_dirs(["-m", "output_dir=s", "x=1,2"]) == [
+        "-m",
+        "x=1,2",
+        "hydra.sweep.dir=s",
+    ]

@@ -106,7 +106,7 @@ def hydra_run(argv: list[str]) -> int:
 
     _check_run_dir(argv)
     saved = sys.argv
-    sys.argv = ["gptqflow-run", *_place_hydra_dirs(argv), "hydra.job.name=run"]
+    sys.argv = ["gptqflow-run", *_add_overrides(_place_hydra_dirs(argv), ["hydra.job.name=run"])]
     try:
         task()
     finally:
@@ -217,8 +217,32 @@ def _place_hydra_dirs(argv: list[str]) -> list[str]:
         return argv
     value = out[-1].split("=", 1)[1]
     if multirun:
-        return [a for a in argv if not a.startswith("output_dir=")] + [f"hydra.sweep.dir={value}"]
-    return [*argv, f"hydra.run.dir={value}"]
+        rest = [a for a in argv if not a.startswith("output_dir=")]
+        return _add_overrides(rest, [f"hydra.sweep.dir={value}"])
+    return _add_overrides(argv, [f"hydra.run.dir={value}"])
+
+
+def _add_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """Insert ``extra`` overrides right after the user's last override.
+
+    Hydra's argparse takes the overrides as one run of positional words, so words
+    appended after a flag (``... scheme=w3a16 --cfg job``) would be refused as
+    unrecognized arguments.
+    """
+    last = -1
+    previous = ""
+    for i, a in enumerate(argv):
+        takes_value = previous.startswith("-") and previous not in _VALUELESS_FLAGS
+        if not a.startswith("-") and "=" in a and not takes_value:
+            last = i
+        previous = a
+    if last < 0:
+        return [*argv, *extra]
+    return [*argv[: last + 1], *extra, *argv[last + 1 :]]
+
+
+# Hydra's flags that take no value (every other flag takes the next word).
+_VALUELESS_FLAGS = frozenset({"-m", "--multirun", "--help", "-h", "--hydra-help", "--resolve"})
 
 
 def run_resolved(resolved: dict[str, Any]) -> dict[str, Any] | None:
