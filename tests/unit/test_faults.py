@@ -36,6 +36,7 @@ def test_guard_lets_other_errors_through() -> None:
 def test_peer_loss_is_recognised() -> None:
     assert is_peer_loss(RuntimeError(GLOO_RESET))
     assert is_peer_loss(RuntimeError("Timed out waiting 30000ms for recv operation to complete"))
+    assert is_peer_loss(RuntimeError("Application timeout caused pair closure"))  # gloo, too
     assert not is_peer_loss(ValueError(GLOO_RESET))
     assert DistContext(rank=0, world_size=1).unanswered_ranks() == []
 

@@ -50,10 +50,10 @@ def is_peer_loss(exc: BaseException) -> bool:
     """Whether a collective's exception means another rank died or stopped answering."""
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
-    text = str(exc)
+    text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(
         k in text
-        for k in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Gloo")
+        for k in ("connection closed by peer", "connection reset", "timed out", "timeout", "gloo")
     )
 
 

@@ -324,15 +324,9 @@ def worker_main(recipe_file: str) -> int:
 
 def _is_peer_loss(exc: BaseException) -> bool:
     """A collective failed because another rank died or stopped answering."""
-    import torch.distributed as dist
+    from gptqflow.framework.distributed import is_peer_loss
 
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        k in text
-        for k in ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Gloo")
-    )
+    return is_peer_loss(exc)
 
 
 def _die_with_launcher() -> None:
