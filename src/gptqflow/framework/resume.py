@@ -237,7 +237,7 @@ class ResumePoints:
                 f"cannot resume from {self.dir}: it was written by {m['world_size']} rank(s) "
                 f"and this run has {self.ctx.world_size}; every rank's calibration samples "
                 f"are saved per rank, so resume with runtime.nproc_per_node={m['world_size']} "
-                "(or pass overwrite=true to start over)"
+                f"(or {m['world_size']} torchrun ranks), or pass overwrite=true to start over"
             )
         if m["recipe_hash"] != self.hash:
             diff = recipe_differences(m["recipe"], self.current) or ["(recipe hash only)"]
