@@ -127,6 +127,22 @@ def test_resume_is_byte_identical_to_an_uninterrupted_run(
     assert not (ref_dir / RESUME_DIR).exists()
 
 
+def test_crash_after_the_last_layer_resumes_without_redoing_any(
+    tiny_llama3_dir: Path, reference: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A crash in the final evaluation or the save: the last point holds every layer and
+    no activations (nothing reads them); resuming runs no layer and writes the same bytes."""
+    with crash_after_point(3), pytest.raises(_Crash):
+        run(tiny_llama3_dir, tmp_path)
+    m = manifest(tmp_path)
+    assert m["layers_done"] == 3 and all(r["hidden"] is None for r in m["ranks"])
+    report = run(tiny_llama3_dir, tmp_path, "runtime.resume=true")
+    assert "solve" not in report["stages"] or report["stages"]["solve"]["seconds"] == 0.0
+    assert [r["index"] for r in report["layers"]] == [0, 1, 2]
+    assert (tmp_path / WEIGHTS).read_bytes() == (reference[0] / WEIGHTS).read_bytes()
+    assert report["perplexity"] == reference[1]["perplexity"]
+
+
 def test_partial_resume_point_is_ignored(
     tiny_llama3_dir: Path, reference: tuple[Path, dict[str, Any]], interrupted: Path
 ) -> None:
