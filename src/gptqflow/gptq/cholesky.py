@@ -26,7 +26,7 @@ I/O and collectives.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -37,7 +37,9 @@ __all__ = [
     "LOCAL",
     "LocalExchange",
     "PanelExchange",
+    "PanelSource",
     "blocked_cholesky",
+    "factor_panels",
     "single_threaded",
 ]
 
@@ -81,29 +83,86 @@ class LocalExchange:
 LOCAL = LocalExchange()
 
 
+class PanelSource:
+    """Builds column panels ``a[s:, s:e]`` (fresh, contiguous tensors) of an ``n × n`` matrix."""
+
+    def __init__(
+        self,
+        n: int,
+        panel: Callable[[int, int], torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.n, self.panel, self.dtype, self.device = n, panel, dtype, device
+
+    @classmethod
+    def of(cls, a: torch.Tensor) -> PanelSource:
+        """Panels copied out of a square matrix (never mutated)."""
+        if a.ndim != 2 or a.shape[1] != a.shape[0]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(a.shape)}")
+        return cls(
+            a.shape[0],
+            lambda s, e: a[s:, s:e].clone(memory_format=torch.contiguous_format),
+            a.dtype,
+            a.device,
+        )
+
+
 def blocked_cholesky(
-    a: torch.Tensor, exchange: PanelExchange = LOCAL, block: int = FACTOR_BLOCK
+    a: torch.Tensor,
+    exchange: PanelExchange = LOCAL,
+    block: int = FACTOR_BLOCK,
+    *,
+    shift: float | torch.Tensor = 0.0,
 ) -> torch.Tensor | None:
-    """Lower Cholesky factor ``L`` of the symmetric matrix ``a`` (``a = L Lᵀ``), or ``None``.
+    """Lower Cholesky factor ``L`` of ``a + shift·I`` (``= L Lᵀ``), or ``None``.
 
     Reads the lower triangle of ``a`` only and never mutates it. ``None`` when the
     matrix is not (numerically) positive definite or holds NaN/inf: a failed panel
     is shared as NaN, so every rank taking part returns ``None`` at the same panel
     and no rank is left waiting for a panel that never comes.
     """
+    panels = factor_panels(PanelSource.of(a), exchange, block, shift=shift)
+    if panels is None:
+        return None
     n = a.shape[0]
-    if a.ndim != 2 or a.shape[1] != n:
-        raise ValueError(f"expected a square matrix, got shape {tuple(a.shape)}")
+    out = a.new_zeros(n, n)
+    for start, p in zip(range(0, n, block), panels):
+        out[start:, start : start + p.shape[1]] = p
+    return out
+
+
+def factor_panels(
+    a: torch.Tensor | PanelSource,
+    exchange: PanelExchange = LOCAL,
+    block: int = FACTOR_BLOCK,
+    *,
+    shift: float | torch.Tensor = 0.0,
+) -> list[torch.Tensor] | None:
+    """:func:`blocked_cholesky` as its panels: panel ``j`` is ``L[j·block:, j·block:(j+1)·block]``.
+
+    For callers that rearrange the factor anyway (the solver reverses and scales
+    it), so that no full ``n × n`` copy is made just to be read once. ``a`` is the
+    matrix, or a :class:`PanelSource` that builds only the panels this rank owns
+    (a rank sharing the factorisation never needs the others' columns of the
+    input). ``shift`` is added to the diagonal as the panels are made.
+    """
+    src = a if isinstance(a, PanelSource) else PanelSource.of(a)
+    n = src.n
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     starts = list(range(0, n, block))
     ends = [*starts[1:], n]
     nb = len(starts)
     # Panel j holds rows starts[j]: of columns starts[j]:ends[j] (lower part only).
-    panels = [
-        a[s:, s:e].clone() if exchange.owns(j) else a.new_empty(n - s, e - s)
-        for j, (s, e) in enumerate(zip(starts, ends))
-    ]
+    panels = []
+    for j, (s, e) in enumerate(zip(starts, ends)):
+        if exchange.owns(j):
+            p = src.panel(s, e)
+            p[: e - s].diagonal().add_(shift)
+        else:
+            p = torch.empty(n - s, e - s, dtype=src.dtype, device=src.device)
+        panels.append(p)
 
     def update(j: int, k: int) -> None:
         off = starts[j] - starts[k]
@@ -127,10 +186,7 @@ def blocked_cholesky(
         for j in range(k + 2, nb):
             if exchange.owns(j):
                 update(j, k)
-    out = a.new_zeros(n, n)
-    for s, e, p in zip(starts, ends, panels):
-        out[s:, s:e] = p
-    return out
+    return panels
 
 
 def _factor_panel(panel: torch.Tensor) -> None:

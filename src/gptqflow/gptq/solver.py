@@ -36,7 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
-from gptqflow.gptq.cholesky import LOCAL, PanelExchange, blocked_cholesky, single_threaded
+from gptqflow.gptq.cholesky import (
+    LOCAL,
+    PanelExchange,
+    PanelSource,
+    factor_panels,
+    single_threaded,
+)
 from gptqflow.gptq.quantizer import (
     column_groups,
     compute_qparams,
@@ -111,12 +117,10 @@ def prepare_factor(
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian must be square [cols, cols], got shape {tuple(hessian.shape)}")
     h = hessian.detach().to(dtype=dtype)
-    # Cholesky reads one triangle only; symmetrizing (a no-op, bit for bit, on a
-    # symmetric input) lets a NaN anywhere poison the factorisation instead of
-    # going unnoticed, and also copies, so the input is never mutated.
-    h = (h + h.T) / 2
+    # The input is never mutated: only dead columns need a modified copy.
     dead = h.diagonal() == 0
     if bool(dead.any()):
+        h = h.clone()
         h[dead, :] = 0
         h[:, dead] = 0
         h.diagonal()[dead] = 1
@@ -125,18 +129,18 @@ def prepare_factor(
         # Stable sort: ties (e.g. dead columns, all with diagonal 1) keep their
         # original order, so the permutation is deterministic.
         perm = torch.sort(h.diagonal(), descending=True, stable=True).indices
-        h = h[perm][:, perm]
-    mean_diag = h.diagonal().mean()
+    n = h.shape[0]
+    order = perm if perm is not None else torch.arange(n, device=h.device)
+    mean_diag = h.diagonal()[order].mean()
     # H = R Rᵀ with R upper is the Cholesky of H with rows and columns reversed.
-    reversed_h = h.flip(0, 1)
+    source = _reversed_panels(h, order.flip(0))
     tried: list[float] = []
     for attempt in range(args.max_damp_retries + 1):
         fraction = args.dampening * 10.0**attempt
         tried.append(fraction)
-        r = _reverse_cholesky(reversed_h, fraction * mean_diag, exchange)
-        if r is not None:
-            diag = r.diagonal().clone()
-            feedback = r.div_(diag[None, :])
+        panels = factor_panels(source, exchange, shift=fraction * mean_diag)
+        if panels is not None:
+            feedback, diag = _feedback(panels, n)
             return HessianFactor(feedback, diag, perm=perm, dead=dead, damp=fraction)
     hint = "" if bool(torch.isfinite(hessian).all()) else " (the Hessian has NaN/inf entries)"
     raise CholeskyError(
@@ -146,21 +150,43 @@ def prepare_factor(
     )
 
 
-def _reverse_cholesky(
-    reversed_h: torch.Tensor, damp: torch.Tensor, exchange: PanelExchange
-) -> torch.Tensor | None:
-    """Upper ``R`` with ``h + damp·I = R Rᵀ``, or ``None`` if not positive definite.
+def _reversed_panels(h: torch.Tensor, rev: torch.Tensor) -> PanelSource:
+    """Panels of ``sym(h)[rev][:, rev]`` with ``sym(h) = (h + hᵀ) / 2``, built on demand.
 
-    ``reversed_h`` is ``h`` with rows and columns reversed: its lower Cholesky
-    factor, reversed back, is ``R``.  A NaN or inf anywhere in the (symmetric)
-    input reaches the factor's diagonal and counts as a failure.
+    Symmetrizing (a no-op, bit for bit, on a symmetric input) makes the Cholesky,
+    which reads one triangle, see NaN/inf anywhere in the input.  Permuting,
+    reversing and symmetrizing happen in one gather per panel, and only for the
+    panels this rank factorises: a rank sharing the factorisation with ``k - 1``
+    others touches about ``1/k`` of the Hessian.
     """
-    damped = reversed_h.clone()
-    damped.diagonal().add_(damp)
-    lower = blocked_cholesky(damped, exchange)
-    if lower is None:
-        return None
-    return lower.flip(0, 1)
+
+    def panel(s: int, e: int) -> torch.Tensor:
+        rows, cols = rev[s:], rev[s:e]
+        return (h[rows[:, None], cols[None, :]] + h[cols[:, None], rows[None, :]].T) / 2
+
+    return PanelSource(h.shape[0], panel, h.dtype, h.device)
+
+
+def _feedback(panels: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R / diag(R) column-wise, diag(R))`` from the panels of ``L``, where ``R = reverse(L)``.
+
+    ``L`` is the lower factor of the reversed matrix; reversing its rows and columns
+    gives the upper ``R``.  Built panel by panel, straight into the result, so the
+    factor is copied once (not assembled, reversed and scaled as three copies).
+    """
+    first = panels[0]
+    out = first.new_empty(n, n)
+    diags = []
+    start = 0
+    for p in panels:
+        end = start + p.shape[1]
+        d = p[: p.shape[1]].diagonal()
+        diags.append(d)
+        # L[start:, start:end] reversed is R[:n-start, n-end:n-start]; below it R is 0.
+        out[: n - start, n - end : n - start] = p.flip(0, 1) / d.flip(0)[None, :]
+        out[n - start :, n - end : n - start] = 0
+        start = end
+    return out, torch.cat(diags).flip(0)
 
 
 @dataclass(frozen=True)
