@@ -226,17 +226,46 @@ def _spawn_two(fn: Callable[..., None], reps: int) -> list[Any]:
 
 
 def fit_shared_overhead(model: CostModel, shared: list[tuple[int, float]]) -> float:
-    """``shared_s_per_panel``: least squares (non-negative) of what the model misses per panel."""
+    """``shared_s_per_panel``: what the model misses per panel, least squares in relative error.
+
+    Relative, like every other fit here: the narrow Hessians (a few panels) decide
+    whether sharing pays at all, and an absolute fit would let the widest one set
+    the constant alone.
+    """
     base = dataclasses.replace(model, shared_s_per_panel=0.0)
     panels = [math.ceil(c / FACTOR_BLOCK) for c, _ in shared]
     missed = [t - base.shared_factor_seconds(c, 2) for c, t in shared]
-    theta = sum(m * p for m, p in zip(missed, panels)) / sum(p * p for p in panels)
-    return max(theta, 0.0)
+    times = [t for _, t in shared]
+    num = sum(m * p / (t * t) for m, p, t in zip(missed, panels, times))
+    den = sum(p * p / (t * t) for p, t in zip(panels, times))
+    return max(num / den, 0.0)
 
 
 def measure_comm(reps: int) -> list[tuple[str, int, float]]:
     """(kind, bytes, seconds) for a 2-rank gloo all-reduce and broadcast on loopback."""
     return [tuple(r) for r in _spawn_two(_comm_rank, reps)]
+
+
+def fit_factor(factor_t: list[tuple[int, float]], chol_t: list[tuple[int, float]]) -> list[float]:
+    """``(overhead, per col², per col³)`` of ``prepare_factor``, in two steps.
+
+    The ``cols³`` term is the Cholesky: its constant is the lone Cholesky's time
+    per ``cols³`` at the widest Hessian measured (the flop rate still grows with
+    the width, so narrower ones would overstate it for ``down_proj``-sized
+    Hessians). What ``prepare_factor`` takes beyond that (passes over the matrix)
+    is fitted as ``overhead + per col²`` on the remainder. One joint fit of five
+    widths cannot tell a ``cols²`` term from part of a ``cols³`` one, and the split
+    matters: a shared factorisation divides only the cubic part between ranks.
+    """
+    widest, t_widest = max(chol_t)
+    per_col3 = t_widest / float(widest) ** 3
+    rest = [(c, t - per_col3 * float(c) ** 3) for c, t in factor_t]
+    rest = [(c, r) for c, r in rest if r > 0]
+    if not rest:
+        return [0.0, 0.0, per_col3]
+    feats = [[1.0, float(c) ** 2] for c, _ in rest]
+    overhead, per_col2 = fit_nonnegative(feats, [r for _, r in rest])
+    return [overhead, per_col2, per_col3]
 
 
 def report(name: str, feats: list[list[float]], secs: list[float], theta: list[float]) -> float:
@@ -275,7 +304,7 @@ def main() -> None:
     )
     f_feats = [factor_features(c) for c, _ in factor_t]
     f_secs = [s for _, s in factor_t]
-    f_theta = fit_nonnegative(f_feats, f_secs)
+    f_theta = fit_factor(factor_t, chol_t)
     s_feats = [sweep_features(r, c, DEFAULT_MIN_SWEEP_ROWS) for r, c, _ in sweep_t]
     s_secs = [s for _, _, s in sweep_t]
     s_theta = fit_nonnegative(s_feats, s_secs)

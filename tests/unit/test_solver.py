@@ -352,14 +352,23 @@ def test_rank_deficient_hessian_succeeds() -> None:
     assert result.damp >= 0.01 and math.isfinite(result.loss)
 
 
-def test_nan_hessian_raises_naming_the_dampening_tried() -> None:
-    hessian = _indefinite_hessian()
-    hessian[3, 5] = math.nan
+def test_indefinite_hessian_raises_naming_the_dampening_tried() -> None:
+    hessian = -_indefinite_hessian()  # mostly negative: no dampening of its diagonal helps
     args = QuantArgs(dampening=0.01, max_damp_retries=2)
     with pytest.raises(CholeskyError, match=r"\[0\.01, 0\.1, 1\.0\]") as info:
         prepare_factor(hessian, args)
     assert info.value.dampening_tried == (0.01, 0.1, 1.0)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("where", [(3, 5), (5, 3), (7, 7)])
+def test_nan_anywhere_in_the_hessian_is_refused_before_factorising(where: tuple[int, int]) -> None:
+    """Either triangle: the factorisation reads only one, so the check must not rely on it."""
+    hessian = _problem(seed=2)[1]
+    hessian[where] = math.nan
+    with pytest.raises(CholeskyError, match="NaN/inf") as info:
+        prepare_factor(hessian, QuantArgs())
+    assert info.value.dampening_tried == ()
 
 
 # ----------------------------------------------------------------------------

@@ -102,7 +102,9 @@ class CostModel:
         """A factorisation shared by ``ranks`` ranks (:mod:`gptqflow.gptq.cholesky`), per rank.
 
         The ``cols³`` flops are split evenly (panels are owned round-robin); the
-        ``cols²`` and fixed terms are not; and every panel is broadcast once:
+        ``cols²`` passes over the matrix are not (gathering a rank's own panels is
+        split, but assembling the whole factor every rank sweeps with is not, and
+        costs more); and every panel is broadcast once:
         ``ceil(cols / FACTOR_BLOCK)`` messages, float32 lower panels in all. The
         broadcasts overlap the updates in the pipeline, but are counted in full so
         the planner only shares where it clearly pays. ``shared_s_per_panel`` is what

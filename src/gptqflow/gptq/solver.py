@@ -100,7 +100,8 @@ def prepare_factor(
 ) -> HessianFactor:
     """Dampen, (optionally) permute and factor the Hessian. Never mutates ``hessian``.
 
-    The Hessian is symmetrized first.  Dead columns (diagonal 0) are decoupled
+    The Hessian must be symmetric (:meth:`HessianSum.finalize` mirrors its sum
+    exactly); either triangle may be read.  Dead columns (diagonal 0) are decoupled
     (row and column zeroed, diagonal set to 1) so that no error is ever
     propagated into or out of them; their weights are zeroed by the sweep.
     Activation order sorts the diagonal, descending.  Dampening
@@ -117,6 +118,10 @@ def prepare_factor(
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian must be square [cols, cols], got shape {tuple(hessian.shape)}")
     h = hessian.detach().to(dtype=dtype)
+    if not bool(torch.isfinite(h).all()):
+        raise CholeskyError(
+            "the Hessian has NaN/inf entries: no dampening can make it positive definite", ()
+        )
     # The input is never mutated: only dead columns need a modified copy.
     dead = h.diagonal() == 0
     if bool(dead.any()):
@@ -142,27 +147,26 @@ def prepare_factor(
         if panels is not None:
             feedback, diag = _feedback(panels, n)
             return HessianFactor(feedback, diag, perm=perm, dead=dead, damp=fraction)
-    hint = "" if bool(torch.isfinite(hessian).all()) else " (the Hessian has NaN/inf entries)"
     raise CholeskyError(
         f"Cholesky of the dampened Hessian failed for every dampening fraction tried "
-        f"{tried} (times the mean diagonal {float(mean_diag):.4g}){hint}",
+        f"{tried} (times the mean diagonal {float(mean_diag):.4g})",
         tuple(tried),
     )
 
 
 def _reversed_panels(h: torch.Tensor, rev: torch.Tensor) -> PanelSource:
-    """Panels of ``sym(h)[rev][:, rev]`` with ``sym(h) = (h + hᵀ) / 2``, built on demand.
+    """Panels of ``h[rev][:, rev]`` for a symmetric ``h``, built on demand.
 
-    Symmetrizing (a no-op, bit for bit, on a symmetric input) makes the Cholesky,
-    which reads one triangle, see NaN/inf anywhere in the input.  Permuting,
-    reversing and symmetrizing happen in one gather per panel, and only for the
-    panels this rank factorises: a rank sharing the factorisation with ``k - 1``
-    others touches about ``1/k`` of the Hessian.
+    Permuting and reversing happen in one gather per panel, of whole rows of ``h``
+    (``h[cols][:, rows]ᵀ``, equal to ``h[rows][:, cols]`` by symmetry: gathering
+    rows is ten times faster than gathering columns), and only for the panels this
+    rank factorises: a rank sharing the factorisation with ``k - 1`` others
+    touches about ``1/k`` of the Hessian.
     """
 
     def panel(s: int, e: int) -> torch.Tensor:
         rows, cols = rev[s:], rev[s:e]
-        return (h[rows[:, None], cols[None, :]] + h[cols[:, None], rows[None, :]].T) / 2
+        return h.index_select(0, cols).index_select(1, rows).T.contiguous()
 
     return PanelSource(h.shape[0], panel, h.dtype, h.device)
 
