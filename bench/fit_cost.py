@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from gptqflow.framework.distributed import DistContext
 from gptqflow.gptq.cholesky import FACTOR_BLOCK
 from gptqflow.gptq.cost import (
     DEFAULT_MIN_SWEEP_ROWS,
@@ -138,19 +139,22 @@ def measure_compute(
     return factor_t, sweep_t, chol_t
 
 
-def _comm_rank(rank: int, port: int, reps: int, out: str) -> None:
-    """One of two gloo ranks timing an all-reduce and a broadcast of Hessian-sized tensors."""
+def join_gloo(rank: int, world_size: int, port: int) -> DistContext:
+    """Join a gloo group of ranks spawned on this machine, one torch thread each."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
-        WORLD_SIZE="2",
+        WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
-    from gptqflow.framework.distributed import DistContext
+    return DistContext.from_environment(backend="gloo", device="cpu")
 
-    ctx = DistContext.from_environment(backend="gloo", device="cpu")
+
+def _comm_rank(rank: int, port: int, reps: int, out: str) -> None:
+    """One of two gloo ranks timing an all-reduce and a broadcast of Hessian-sized tensors."""
+    ctx = join_gloo(rank, 2, port)
     results = []
     try:
         for numel in COMM_NUMEL:
@@ -183,18 +187,9 @@ def _comm_rank(rank: int, port: int, reps: int, out: str) -> None:
 
 def _shared_rank(rank: int, port: int, reps: int, out: str) -> None:
     """One of two gloo ranks timing factorisations shared by both (as the solve stage does)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    from gptqflow.framework.distributed import DistContext
     from gptqflow.stages.solve import RankExchange
 
-    ctx = DistContext.from_environment(backend="gloo", device="cpu")
+    ctx = join_gloo(rank, 2, port)
     results = []
     try:
         gen = torch.Generator().manual_seed(1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import tempfile
@@ -40,18 +39,10 @@ def hessian(cols: int) -> torch.Tensor:
 
 
 def _rank(rank: int, world: int, port: int, cols: list[int], reps: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    from gptqflow.framework.distributed import DistContext
+    from fit_cost import join_gloo
     from gptqflow.stages.solve import RankExchange
 
-    ctx = DistContext.from_environment(backend="gloo", device="cpu")
+    ctx = join_gloo(rank, world, port)
     results = {}
     try:
         for c in cols:

@@ -6,7 +6,9 @@ with ``from helpers import make_tiny_llama``.
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,23 @@ def _copy_files(src: Path, dst: Path) -> None:
     for f in Path(src).iterdir():
         if f.is_file():
             shutil.copy2(f, dst / f.name)
+
+
+# ---------------------------------------------------------------------- spawned ranks
+def free_port() -> int:
+    """A free TCP port on loopback, for the rendezvous of ranks a test spawns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def set_rank_env(rank: int, world_size: int, port: int) -> None:
+    """Give a process spawned by a test the environment torchrun gives a rank (loopback)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )

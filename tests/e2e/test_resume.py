@@ -1,7 +1,7 @@
 """Resume points, in one process: a run stopped after layer 1 of 3 and resumed writes the same bytes.
 
 The crash here is an exception raised right after the resume point of layer 1 is
-written (fast, in-process); tests/dist/test_resume_kill.py does the same with SIGKILL
+written (fast, in-process); tests/distributed/test_resume_kill.py does the same with SIGKILL
 on spawned ranks. What is checked: the resumed checkpoint is byte-identical to an
 uninterrupted run's, the quantized perplexity is the same float (so the reinstalled
 weights are the ones broadcast installed), a partial point is ignored, and a point of

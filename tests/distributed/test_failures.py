@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,19 +11,12 @@ from typing import Any
 import pytest
 
 from gptqflow.framework.compose import compose_recipe
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from helpers import free_port, set_rank_env
 
 
 def _rank(rank: int, world: int, port: int, resolved: dict[str, Any], fail_rank: int | None) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )
+    set_rank_env(rank, world, port)
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
@@ -51,7 +43,7 @@ def _recipe(model: Path, out: Path, *extra: str) -> dict[str, Any]:
 
 def _launch(recipes: list[dict[str, Any]], fail_rank: int | None, deadline_s: float = 90) -> tuple[list[int | None], float]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, len(recipes), port, recipes[r], fail_rank)) for r in range(len(recipes))]
     start = time.monotonic()
     for p in procs:

@@ -14,7 +14,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,9 @@ from typing import Any
 import pytest
 
 from gptqflow.framework.compose import compose_recipe
+from helpers import free_port, set_rank_env
 
 WEIGHTS = "checkpoint/model.safetensors"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _die() -> None:
@@ -48,13 +42,7 @@ def _rank(rank: int, world: int, port: int, resolved: dict[str, Any], kill: str 
     "hang-mid-layer-1" (it stops there)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     if world > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-        )
+        set_rank_env(rank, world, port)
     import torch
 
     torch.set_num_threads(1)
@@ -108,7 +96,7 @@ def launch(
 ) -> tuple[list[int | None], float]:
     """Start ``world`` ranks; return their exit codes (None: still running at the deadline)."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank, args=(r, world, port, resolved, kills.get(r)))
         for r in range(world)
@@ -128,7 +116,7 @@ def launch(
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted one-rank run (N ranks give the same bytes: tests/dist/test_world_size.py)."""
+    """An uninterrupted one-rank run (N ranks give the same bytes: tests/distributed/test_world_size.py)."""
     out = tmp_path_factory.mktemp("reference")
     codes, _ = launch(recipe(tiny_llama3_dir, out, 1), 1, {})
     assert codes == [0]
@@ -198,7 +186,7 @@ def test_hung_rank_ends_the_run_within_the_collective_timeout(
     """Rank 1 stops (SIGSTOP) inside layer 1: rank 0 gives up after runtime.timeout_s."""
     resolved = recipe(tiny_llama3_dir, tmp_path, 2, "runtime.timeout_s=5")
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank, args=(r, 2, port, resolved, "hang-mid-layer-1" if r else None))
         for r in range(2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,11 @@ import torch.multiprocessing as mp
 
 from gptqflow.framework.compose import compose_recipe
 from gptqflow.modeling.checkpoint import read_quantized_codes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from helpers import free_port, set_rank_env
 
 
 def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
+    set_rank_env(rank, world_size, port)
     torch.set_num_threads(1)
     from gptqflow.framework.api import execute
 
@@ -54,7 +41,7 @@ def run_at(world_size: int, model: Path, out: Path, *extra: str) -> dict[str, An
     )
     mp.start_processes(
         _rank_main,
-        args=(world_size, _free_port(), resolved),
+        args=(world_size, free_port(), resolved),
         nprocs=world_size,
         join=True,
         start_method="spawn",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,7 @@ import torch.multiprocessing as mp
 
 from gptqflow.framework.compose import compose_recipe
 from gptqflow.modeling.checkpoint import read_quantized_codes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from helpers import free_port, set_rank_env
 
 
 def _indefinite_mlp_hessians() -> None:
@@ -40,14 +34,7 @@ def _indefinite_mlp_hessians() -> None:
 
 
 def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
+    set_rank_env(rank, world_size, port)
     torch.set_num_threads(1)
     _indefinite_mlp_hessians()
     from gptqflow.framework.api import execute
@@ -72,7 +59,7 @@ def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
     )
     mp.start_processes(
         _rank_main,
-        args=(world_size, _free_port(), resolved),
+        args=(world_size, free_port(), resolved),
         nprocs=world_size,
         join=True,
         start_method="spawn",
