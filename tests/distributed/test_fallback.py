@@ -5,7 +5,6 @@ same integers."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 

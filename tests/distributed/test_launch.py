@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-SMALL = ["dataset.num_samples=4", "dataset.seq_len=32", "dataset.eval_tokens=256", "runtime.progress=false"]
+SMALL = [
+    "dataset.num_samples=4",
+    "dataset.seq_len=32",
+    "dataset.eval_tokens=256",
+    "runtime.progress=false",
+]
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -18,7 +23,15 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_run_starts_ranks_itself(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out1, out2 = tmp_path / "one", tmp_path / "two"
-    base = [sys.executable, "-m", "gptqflow", "run", f"model.path={tiny_llama_dir}", *SMALL, "runtime.num_threads=1"]
+    base = [
+        sys.executable,
+        "-m",
+        "gptqflow",
+        "run",
+        f"model.path={tiny_llama_dir}",
+        *SMALL,
+        "runtime.num_threads=1",
+    ]
     r1 = _run([*base, f"output_dir={out1}"], tmp_path)
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = _run([*base, f"output_dir={out2}", "runtime.nproc_per_node=2"], tmp_path)
@@ -26,19 +39,35 @@ def test_run_starts_ranks_itself(tiny_llama_dir: Path, tmp_path: Path) -> None:
     report = json.loads((out2 / "report.json").read_text())
     assert report["world_size"] == 2 and len(report["ranks"]) == 2
     assert report["bytes_communicated"] > 0
-    assert (out1 / "checkpoint" / "model.safetensors").read_bytes() == (out2 / "checkpoint" / "model.safetensors").read_bytes()
+    assert (out1 / "checkpoint" / "model.safetensors").read_bytes() == (
+        out2 / "checkpoint" / "model.safetensors"
+    ).read_bytes()
     # Workers never run Hydra: one .hydra directory, written by the driver.
     assert [p.name for p in out2.rglob(".hydra")] == [".hydra"]
 
 
 def test_users_own_torchrun(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "torchrun"
-    r = _run([
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "gptqflow", "run", f"model.path={tiny_llama_dir}", f"output_dir={out}", *SMALL,
-    ], tmp_path)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "gptqflow",
+            "run",
+            f"model.path={tiny_llama_dir}",
+            f"output_dir={out}",
+            *SMALL,
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2
     assert (out / "checkpoint" / "config.json").is_file()
-    assert not list(tmp_path.rglob(".hydra")), "ranks under torchrun must not create Hydra directories"
+    assert not list(tmp_path.rglob(".hydra")), (
+        "ranks under torchrun must not create Hydra directories"
+    )
