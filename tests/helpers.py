@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,22 @@ def set_rank_env(rank: int, world_size: int, port: int) -> None:
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+
+
+def run_until(procs: list[Any], deadline_s: float) -> tuple[list[int | None], float]:
+    """Start spawned rank processes and wait ``deadline_s`` for all of them in total.
+
+    Returns their exit codes (``None`` for one still running, which is then killed)
+    and the seconds it took: what a test of a failing or hanging rank asserts on.
+    """
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=max(1.0, deadline_s - (time.monotonic() - start)))
+    elapsed = time.monotonic() - start
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes, elapsed

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gptqflow.framework.compose import compose_recipe
-from helpers import free_port, set_rank_env
+from helpers import free_port, run_until, set_rank_env
 
 
 def _rank(
@@ -62,17 +61,7 @@ def _launch(
         ctx.Process(target=_rank, args=(r, len(recipes), port, recipes[r], fail_rank))
         for r in range(len(recipes))
     ]
-    start = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=max(1.0, deadline_s - (time.monotonic() - start)))
-    elapsed = time.monotonic() - start
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return codes, elapsed
+    return run_until(procs, deadline_s)
 
 
 def test_error_on_one_rank_ends_all_ranks(

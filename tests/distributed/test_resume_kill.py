@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gptqflow.framework.compose import compose_recipe
-from helpers import free_port, set_rank_env
+from helpers import free_port, run_until, set_rank_env
 
 WEIGHTS = "checkpoint/model.safetensors"
 
@@ -101,17 +101,7 @@ def launch(
         ctx.Process(target=_rank, args=(r, world, port, resolved, kills.get(r)))
         for r in range(world)
     ]
-    start = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=max(1.0, deadline_s - (time.monotonic() - start)))
-    elapsed = time.monotonic() - start
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return codes, elapsed
+    return run_until(procs, deadline_s)
 
 
 @pytest.fixture(scope="module")
