@@ -206,8 +206,9 @@ class Runner:
             calibrate.run_layer(state, self.ctx, index, on_group)  # type: ignore[attr-defined]
             layer_s = time.perf_counter() - t
             self.clock.add(ids[0], layer_s - in_groups, 0)
-            self._finish_layer(state, index, layer_s, solve_s, loss if groups else math.nan)
-            state.layer_reports[-1]["shared_factor"] = list(shared)
+            self._finish_layer(
+                state, index, layer_s, solve_s, loss if groups else math.nan, list(shared)
+            )
             bar.layer_done(layer_s)
             self.resume.after_layer(state, index + 1, n_layers)
         if self.resume.write_seconds:
@@ -217,7 +218,13 @@ class Runner:
             self.clock.add(sid, 0.0, rss)
 
     def _finish_layer(
-        self, state: PipelineState, index: int, seconds: float, solve_s: float, loss: float
+        self,
+        state: PipelineState,
+        index: int,
+        seconds: float,
+        solve_s: float,
+        loss: float,
+        shared: list[str],
     ) -> None:
         """Gather every rank's solve time for the layer: the load imbalance goes in the report."""
         solve = self.ctx.gather_objects(solve_s)
@@ -229,6 +236,8 @@ class Runner:
             "imbalance": (max(solve) / mean) if mean > 0 else 1.0,
             # GPTQ objective summed over the layer's modules; None unless solve.report_loss.
             "loss": None if math.isnan(loss) else loss,
+            # Groups whose factorisation every rank shared (see gptqflow.gptq.plan).
+            "shared_factor": shared,
         }
         state.layer_reports.append(entry)
         log.info(

@@ -133,7 +133,7 @@ def blocked_cholesky(
 
 
 def factor_panels(
-    a: torch.Tensor | PanelSource,
+    src: PanelSource,
     exchange: PanelExchange = LOCAL,
     block: int = FACTOR_BLOCK,
     *,
@@ -142,12 +142,11 @@ def factor_panels(
     """:func:`blocked_cholesky` as its panels: panel ``j`` is ``L[j·block:, j·block:(j+1)·block]``.
 
     For callers that rearrange the factor anyway (the solver reverses and scales
-    it), so that no full ``n × n`` copy is made just to be read once. ``a`` is the
-    matrix, or a :class:`PanelSource` that builds only the panels this rank owns
-    (a rank sharing the factorisation never needs the others' columns of the
-    input). ``shift`` is added to the diagonal as the panels are made.
+    it), so that no full ``n × n`` copy is made just to be read once. ``src``
+    builds only the panels this rank owns (a rank sharing the factorisation never
+    needs the others' columns of the input; :meth:`PanelSource.of` copies them out
+    of a matrix). ``shift`` is added to the diagonal as the panels are made.
     """
-    src = a if isinstance(a, PanelSource) else PanelSource.of(a)
     n = src.n
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")

@@ -50,7 +50,8 @@ class HessianSum:
 
     ``sum`` is the upper triangle (block-wise: whole strips of :data:`STRIP` rows
     from their diagonal block on; below is zero) of ``Σ 2·xᵀx`` (float64,
-    ``[cols, cols]``); ``count`` the number of tokens that went into it.  Partial sums from different ranks or shards are
+    ``[cols, cols]``); ``count`` the number of tokens that went into it.  Partial
+    sums from different ranks or shards are
     combined with :meth:`merge` (or by summing ``sum``/``count`` elsewhere)
     before one :meth:`finalize`.
     """

@@ -178,8 +178,7 @@ def _feedback(panels: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.T
     gives the upper ``R``.  Built panel by panel, straight into the result, so the
     factor is copied once (not assembled, reversed and scaled as three copies).
     """
-    first = panels[0]
-    out = first.new_empty(n, n)
+    out = panels[0].new_empty(n, n)
     diags = []
     start = 0
     for p in panels:

@@ -79,23 +79,18 @@ class SolveStage(Stage):
         check_finite_inputs(step)
         gptq = self.config.method == "gptq"
         exchange: PanelExchange = RankExchange(ctx) if step.shared_factor else LOCAL
-        if not mine and gptq and step.shared_factor:
-            # No rows here, but every rank takes part in a shared factorisation.
+        factor = None
+        fallback: str | None = None
+        # A rank without rows still takes part in a shared factorisation.
+        if gptq and (mine or step.shared_factor):
             assert step.full_hessian is not None
             try:
-                prepare_factor(step.full_hessian, args, exchange=exchange)
+                factor = prepare_factor(step.full_hessian, args, exchange=exchange)
             except CholeskyError as exc:
-                self._cholesky_failed(step, exc, ctx)
+                fallback = self._cholesky_failed(step, exc, ctx)
         if mine:
             assert step.full_hessian is not None
             h = step.full_hessian
-            factor = None
-            fallback: str | None = None
-            if gptq:
-                try:
-                    factor = prepare_factor(h, args, exchange=exchange)
-                except CholeskyError as exc:
-                    fallback = self._cholesky_failed(step, exc, ctx)
             # All of this rank's slices share the Hessian, so they are stacked into one
             # sweep: rows are independent given the factor (a slice of a solve is
             # bit-identical to solving it alone), and the per-column cost is paid once.
