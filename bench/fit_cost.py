@@ -37,7 +37,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gptqflow.framework.distributed import DistContext
-from gptqflow.gptq.cholesky import FACTOR_BLOCK
+from gptqflow.gptq.cholesky import FACTOR_BLOCK, PanelSource, factor_panels
 from gptqflow.gptq.cost import (
     DEFAULT_MIN_SWEEP_ROWS,
     CostModel,
@@ -47,6 +47,7 @@ from gptqflow.gptq.cost import (
     relative_errors,
     sweep_features,
 )
+from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.solver import prepare_factor, solve_rows
 from gptqflow.gptq.types import QuantArgs
 
@@ -114,29 +115,41 @@ def spd_hessian(cols: int, gen: torch.Generator) -> torch.Tensor:
     return h
 
 
-def measure_compute(
-    reps: int, clock: Clock
-) -> tuple[list[tuple[int, float]], list[tuple[int, int, float]], list[tuple[int, float]]]:
-    """(cols, factor s), (rows, cols, sweep s), (cols, cholesky-only s) medians."""
+@dataclass
+class ComputeTimes:
+    """Medians of the compute timings, per shape."""
+
+    factor: list[tuple[int, float]]  # (cols, prepare_factor s)
+    sweep: list[tuple[int, int, float]]  # (rows, cols, solve_rows s)
+    cholesky: list[tuple[int, float]]  # (cols, the blocked factorisation of ready panels s)
+    check: list[tuple[int, float]]  # (cols, the finiteness check of the Hessian s)
+
+
+def measure_compute(reps: int, clock: Clock) -> ComputeTimes:
+    """Time prepare_factor, its parts and solve_rows over the grid of shapes."""
     gen = torch.Generator().manual_seed(0)
-    factor_t, sweep_t, chol_t = [], [], []
+    out = ComputeTimes([], [], [], [])
     for cols in COLS:
         # SmolLM2's 576 is not a multiple of 128; the group size barely changes the cost.
         args = QuantArgs(bits=4, group_size=128 if cols % 128 == 0 else 64)
         h = spd_hessian(cols, gen)
         f = clock.median(partial(prepare_factor, h, args), reps)
-        c = clock.time(partial(torch.linalg.cholesky, h))
-        factor_t.append((cols, f))
-        chol_t.append((cols, c))
+        # The part that sharing splits by flops: the factorisation of panels already
+        # gathered (copying them out of h is a small part of it at these widths).
+        c = clock.median(partial(factor_panels, PanelSource.of(h)), reps)
+        k = clock.median(partial(all_finite, h), reps)
+        out.factor.append((cols, f))
+        out.cholesky.append((cols, c))
+        out.check.append((cols, k))
         factor = prepare_factor(h, args)
-        line = [f"cols {cols:5d}: factor {f:7.3f}s (cholesky alone {c:6.3f}s)"]
+        line = [f"cols {cols:5d}: factor {f:7.3f}s (factorisation {c:6.3f}s, check {k:6.4f}s)"]
         for rows in ROWS[cols]:
             w = torch.randn(rows, cols, generator=gen)
             s = clock.median(partial(solve_rows, w, factor, args), reps)
-            sweep_t.append((rows, cols, s))
+            out.sweep.append((rows, cols, s))
             line.append(f"sweep[{rows}] {s:6.3f}s")
         print("  ".join(line), flush=True)
-    return factor_t, sweep_t, chol_t
+    return out
 
 
 def join_gloo(rank: int, world_size: int, port: int) -> DistContext:
@@ -241,26 +254,31 @@ def measure_comm(reps: int) -> list[tuple[str, int, float]]:
     return [tuple(r) for r in _spawn_two(_comm_rank, reps)]
 
 
-def fit_factor(factor_t: list[tuple[int, float]], chol_t: list[tuple[int, float]]) -> list[float]:
-    """``(overhead, per col², per col³)`` of ``prepare_factor``, in two steps.
+def fit_factor(times: ComputeTimes) -> list[float]:
+    """``(overhead, per col², per col³, check per col²)`` of ``prepare_factor``, in steps.
 
-    The ``cols³`` term is the Cholesky: its constant is the lone Cholesky's time
-    per ``cols³`` at the widest Hessian measured (the flop rate still grows with
-    the width, so narrower ones would overstate it for ``down_proj``-sized
-    Hessians). What ``prepare_factor`` takes beyond that (passes over the matrix)
-    is fitted as ``overhead + per col²`` on the remainder. One joint fit of five
-    widths cannot tell a ``cols²`` term from part of a ``cols³`` one, and the split
-    matters: a shared factorisation divides only the cubic part between ranks.
+    The ``cols³`` term is the factorisation: its constant is the blocked
+    factorisation's time per ``cols³`` at the widest Hessian measured (the flop rate
+    still grows with the width, so narrower ones would overstate it for
+    ``down_proj``-sized Hessians). The finiteness check is timed on its own and
+    fitted as a ``cols²`` constant. What ``prepare_factor`` takes beyond those two
+    (gathering the panels in sweep order) is fitted as ``overhead + per col²`` on the
+    remainder. One joint fit of five widths cannot tell a ``cols²`` term from part of
+    a ``cols³`` one, and the split matters: a shared factorisation divides the
+    gather and the cubic part between ranks, but not the check.
     """
-    widest, t_widest = max(chol_t)
+    widest, t_widest = max(times.cholesky)
     per_col3 = t_widest / float(widest) ** 3
-    rest = [(c, t - per_col3 * float(c) ** 3) for c, t in factor_t]
+    (check,) = fit_nonnegative(
+        [[float(c) ** 2] for c, _ in times.check], [t for _, t in times.check]
+    )
+    rest = [(c, t - per_col3 * float(c) ** 3 - check * float(c) ** 2) for c, t in times.factor]
     rest = [(c, r) for c, r in rest if r > 0]
     if not rest:
-        return [0.0, 0.0, per_col3]
+        return [0.0, 0.0, per_col3, check]
     feats = [[1.0, float(c) ** 2] for c, _ in rest]
     overhead, per_col2 = fit_nonnegative(feats, [r for _, r in rest])
-    return [overhead, per_col2, per_col3]
+    return [overhead, per_col2, per_col3, check]
 
 
 def report(name: str, feats: list[list[float]], secs: list[float], theta: list[float]) -> float:
@@ -291,23 +309,26 @@ def main() -> None:
     start = time.perf_counter()
 
     clock = Clock(opts.clock)
-    factor_t, sweep_t, chol_t = measure_compute(opts.reps, clock)
+    times = measure_compute(opts.reps, clock)
+    factor_t, sweep_t = times.factor, times.sweep
     print(
         f"compute: {clock.cpu_total:.0f} s CPU in {clock.wall_total:.0f} s wall "
         f"(x{clock.wall_total / max(clock.cpu_total, 1e-9):.2f}: >1 means other processes "
         f"shared the core; fitted on {opts.clock} time)"
     )
+    f_theta = fit_factor(times)
+    # factor_features has one cols² regressor: the check and the gather together.
     f_feats = [factor_features(c) for c, _ in factor_t]
     f_secs = [s for _, s in factor_t]
-    f_theta = fit_factor(factor_t, chol_t)
+    f_fit = [f_theta[0], f_theta[1] + f_theta[3], f_theta[2]]
     s_feats = [sweep_features(r, c, DEFAULT_MIN_SWEEP_ROWS) for r, c, _ in sweep_t]
     s_secs = [s for _, _, s in sweep_t]
     s_theta = fit_nonnegative(s_feats, s_secs)
-    f_err = report("factor", f_feats, f_secs, f_theta)
+    f_err = report("factor", f_feats, f_secs, f_fit)
     s_err = report("sweep ", s_feats, s_secs, s_theta)
-    for cols, c in chol_t:
+    for cols, c in times.cholesky:
         f = dict(factor_t)[cols]
-        print(f"  cols {cols}: a lone Cholesky is {c / f:.0%} of prepare_factor")
+        print(f"  cols {cols}: the factorisation is {c / f:.0%} of prepare_factor")
 
     comm: list[tuple[str, int, float]] = []
     c_err: float | None = None
@@ -332,6 +353,7 @@ def main() -> None:
         factor_overhead_s=f_theta[0],
         factor_s_per_col2=f_theta[1],
         factor_s_per_col3=f_theta[2],
+        check_s_per_col2=f_theta[3],
         sweep_overhead_s=s_theta[0],
         sweep_s_per_col=s_theta[1],
         sweep_s_per_row_col=s_theta[2],
@@ -361,7 +383,8 @@ def main() -> None:
         "sweep_seconds": sweep_t,
         "comm_seconds": comm,
         "shared_factor_seconds_2_ranks": shared,
-        "cholesky_only_seconds": chol_t,
+        "factorisation_seconds": times.cholesky,
+        "check_seconds": times.check,
         "reps": opts.reps,
         "clock": opts.clock,
         "wall_over_cpu": clock.wall_total / max(clock.cpu_total, 1e-9),

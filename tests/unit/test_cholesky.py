@@ -1,4 +1,5 @@
-"""The blocked Cholesky: correct, and bit-identical however its panels are spread over ranks.
+"""The blocked upper-lower Cholesky (``a = R Rᵀ``, ``R`` upper): correct, and bit-identical
+however its panels are spread over ranks.
 
 Ranks are simulated by threads that exchange panels through queues, which is
 what the solve stage's exchange does with broadcasts: the algorithm under test is
@@ -77,14 +78,17 @@ def test_matches_lapack(n: int, block: int) -> None:
     a = _spd(n).double()
     got = blocked_cholesky(a, block=block)
     assert got is not None
-    torch.testing.assert_close(got, torch.linalg.cholesky(a), rtol=1e-10, atol=1e-10)
-    assert torch.equal(got, got.tril()), "the strict upper triangle is zero"
+    # R is LAPACK's lower factor of the matrix with rows and columns reversed, reversed.
+    want = torch.linalg.cholesky(a.flip(0, 1)).flip(0, 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(got, got.triu()), "the strict lower triangle is zero"
+    torch.testing.assert_close(got @ got.T, a, rtol=1e-10, atol=1e-10)
 
 
-def test_reads_lower_triangle_only_and_does_not_mutate() -> None:
+def test_reads_upper_triangle_only_and_does_not_mutate() -> None:
     a = _spd(50)
     before = a.clone()
-    junk = a + torch.triu(torch.full_like(a, 7.0), diagonal=1)
+    junk = a + torch.tril(torch.full_like(a, 7.0), diagonal=-1)
     assert torch.equal(blocked_cholesky(junk, block=16), blocked_cholesky(a, block=16))
     assert torch.equal(a, before)
 
@@ -107,7 +111,7 @@ def test_not_positive_definite_fails_on_every_rank() -> None:
 
 def test_nan_fails() -> None:
     a = _spd(40)
-    a[30, 5] = math.nan
+    a[5, 30] = math.nan
     assert blocked_cholesky(a, block=16) is None
 
 

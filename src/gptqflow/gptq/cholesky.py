@@ -1,19 +1,29 @@
-"""A blocked Cholesky whose column blocks can be factorised on several ranks at once.
+"""A blocked upper-lower Cholesky whose column panels several ranks can factorise at once.
 
-Why not one LAPACK ``potrf`` call: the factorisation of a wide Hessian
-(``down_proj`` of Llama-3-8B has 14336 columns) is the longest single step of a
-layer's solve, and in a true-sequential pipeline nothing of the group can start
-before it ends. Spread over ranks it shrinks with the rank count; done
-redundantly on every rank it does not.
+What it computes: ``R``, upper triangular, with ``a = R Rᵀ`` (the Cholesky factor of
+``a`` with rows and columns reversed). That is the factor GPTQ's nearest-plane sweep
+reads (:mod:`gptqflow.gptq.solver`): column ``j`` of ``R``, above the diagonal, is how
+much of every earlier column's residual column ``j`` receives. Computing ``R``
+directly (instead of a lower Cholesky of the reversed matrix, reversed back) means
+the factor never has to be flipped or re-assembled: the sweep reads the panels as
+they come out of the factorisation.
 
-The algorithm is the textbook right-looking one on column blocks ("panels") of
-``block`` columns: panel ``k`` is factorised (a ``block × block`` Cholesky and a
-triangular solve for the rows below it), then every later panel ``j`` subtracts
-``L[j:, k] · L[j, k]ᵀ``. Panels are owned round-robin by the ranks taking part;
-the owner of panel ``k`` factorises it and shares it, every rank updates the
-panels it owns. The owner of panel ``k+1`` updates and factorises that panel
-first and starts sharing it before its other updates ("look-ahead"), so the
-others rarely wait.
+Why not one LAPACK call: the factorisation of a wide Hessian (``down_proj`` of
+Llama-3-8B has 14336 columns) is the longest single step of a layer's solve, and in
+a true-sequential pipeline nothing of the group can start before it ends. Spread
+over ranks it shrinks with the rank count; done redundantly on every rank it does
+not.
+
+The algorithm is the textbook right-looking one, mirrored (it starts at the last
+column): the matrix is cut into column panels of ``block`` columns starting at
+column 0; panel ``k`` (columns ``s:e``) holds rows ``0:e``. From the last panel
+down, panel ``k`` is factorised (an upper-lower factorisation of its diagonal
+block and a triangular solve for the rows above it), then every earlier panel
+``j`` subtracts ``R[:e_j, k] · R[s_j:e_j, k]ᵀ``. Panels are owned round-robin by
+the ranks taking part; the owner of panel ``k`` factorises it and shares it, every
+rank updates the panels it owns. The owner of panel ``k-1`` updates and factorises
+that panel first and starts sharing it before its other updates ("look-ahead"),
+so the others rarely wait.
 
 Every block operation has the same shapes and inputs whatever the number of
 ranks, and each panel receives its updates in the same order, so the factor is
@@ -40,6 +50,7 @@ __all__ = [
     "PanelSource",
     "blocked_cholesky",
     "factor_panels",
+    "panel_bounds",
     "single_threaded",
 ]
 
@@ -84,7 +95,7 @@ LOCAL = LocalExchange()
 
 
 class PanelSource:
-    """Builds column panels ``a[s:, s:e]`` (fresh, contiguous tensors) of an ``n × n`` matrix."""
+    """Builds column panels ``a[:e, s:e]`` (fresh, contiguous tensors) of an ``n × n`` matrix."""
 
     def __init__(
         self,
@@ -102,10 +113,17 @@ class PanelSource:
             raise ValueError(f"expected a square matrix, got shape {tuple(a.shape)}")
         return cls(
             a.shape[0],
-            lambda s, e: a[s:, s:e].clone(memory_format=torch.contiguous_format),
+            lambda s, e: a[:e, s:e].clone(memory_format=torch.contiguous_format),
             a.dtype,
             a.device,
         )
+
+
+def panel_bounds(n: int, block: int = FACTOR_BLOCK) -> list[tuple[int, int]]:
+    """``(start, end)`` columns of each panel of an ``n``-column factor, left to right."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    return [(s, min(s + block, n)) for s in range(0, n, block)]
 
 
 def blocked_cholesky(
@@ -115,20 +133,22 @@ def blocked_cholesky(
     *,
     shift: float | torch.Tensor = 0.0,
 ) -> torch.Tensor | None:
-    """Lower Cholesky factor ``L`` of ``a + shift·I`` (``= L Lᵀ``), or ``None``.
+    """Upper triangular ``R`` with ``a + shift·I = R Rᵀ``, or ``None``.
 
-    Reads the lower triangle of ``a`` only and never mutates it. ``None`` when the
+    Reads the upper triangle of ``a`` only and never mutates it. ``None`` when the
     matrix is not (numerically) positive definite or holds NaN/inf: a failed panel
     is shared as NaN, so every rank taking part returns ``None`` at the same panel
-    and no rank is left waiting for a panel that never comes.
+    and no rank is left waiting for a panel that never comes. Assembles the panels
+    into one matrix (for tests and callers that want it whole; the solver reads the
+    panels of :func:`factor_panels` directly).
     """
     panels = factor_panels(PanelSource.of(a), exchange, block, shift=shift)
     if panels is None:
         return None
     n = a.shape[0]
     out = a.new_zeros(n, n)
-    for start, p in zip(range(0, n, block), panels):
-        out[start:, start : start + p.shape[1]] = p
+    for (s, e), p in zip(panel_bounds(n, block), panels):
+        out[:e, s:e] = p
     return out
 
 
@@ -139,57 +159,59 @@ def factor_panels(
     *,
     shift: float | torch.Tensor = 0.0,
 ) -> list[torch.Tensor] | None:
-    """:func:`blocked_cholesky` as its panels: panel ``j`` is ``L[j·block:, j·block:(j+1)·block]``.
+    """:func:`blocked_cholesky` as its panels: panel ``j`` is ``R[:e_j, s_j:e_j]``.
 
-    For callers that rearrange the factor anyway (the solver reverses and scales
-    it), so that no full ``n × n`` copy is made just to be read once. ``src``
-    builds only the panels this rank owns (a rank sharing the factorisation never
-    needs the others' columns of the input; :meth:`PanelSource.of` copies them out
-    of a matrix). ``shift`` is added to the diagonal as the panels are made.
+    For callers that read the factor panel by panel (the solver), so that no full
+    ``n × n`` copy is made. ``src`` builds only the panels this rank owns (a rank
+    sharing the factorisation never needs the others' columns of the input;
+    :meth:`PanelSource.of` copies them out of a matrix). ``shift`` is added to the
+    diagonal as the panels are made. The strict lower triangle of each panel's
+    diagonal block is zero.
     """
-    n = src.n
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    starts = list(range(0, n, block))
-    ends = [*starts[1:], n]
-    nb = len(starts)
-    # Panel j holds rows starts[j]: of columns starts[j]:ends[j] (lower part only).
+    bounds = panel_bounds(src.n, block)
+    nb = len(bounds)
     panels = []
-    for j, (s, e) in enumerate(zip(starts, ends)):
+    for j, (s, e) in enumerate(bounds):
         if exchange.owns(j):
             p = src.panel(s, e)
-            p[: e - s].diagonal().add_(shift)
+            p[s:e].diagonal().add_(shift)
         else:
-            p = torch.empty(n - s, e - s, dtype=src.dtype, device=src.device)
+            p = torch.empty(e, e - s, dtype=src.dtype, device=src.device)
         panels.append(p)
 
     def update(j: int, k: int) -> None:
-        off = starts[j] - starts[k]
-        src = panels[k][off:]
+        s, e = bounds[j]
+        src = panels[k][:e]
         # Explicit product then subtraction (no fused kernel): the same rounding
         # whichever rank does it.
-        panels[j] -= src @ src[: ends[j] - starts[j]].T
+        panels[j] -= src @ src[s:e].T
 
-    if exchange.owns(0):
-        _factor_panel(panels[0])
-    pending = exchange.share(0, panels[0])
-    for k in range(nb):
+    last = nb - 1
+    if exchange.owns(last):
+        _factor_panel(panels[last], bounds[last][0])
+    pending = exchange.share(last, panels[last])
+    for k in range(last, -1, -1):
         pending.wait()
-        if not _finite_diagonal(panels[k]):
+        if not _finite_diagonal(panels[k], bounds[k][0]):
             return None
-        if k + 1 < nb:
-            if exchange.owns(k + 1):
-                update(k + 1, k)
-                _factor_panel(panels[k + 1])
-            pending = exchange.share(k + 1, panels[k + 1])
-        for j in range(k + 2, nb):
+        if k > 0:
+            if exchange.owns(k - 1):
+                update(k - 1, k)
+                _factor_panel(panels[k - 1], bounds[k - 1][0])
+            pending = exchange.share(k - 1, panels[k - 1])
+        for j in range(k - 2, -1, -1):
             if exchange.owns(j):
                 update(j, k)
     return panels
 
 
-def _factor_panel(panel: torch.Tensor) -> None:
-    """Factorise an updated panel in place; fill it with NaN if its diagonal block fails.
+def _factor_panel(panel: torch.Tensor, s: int) -> None:
+    """Factorise an updated panel (rows ``0:e``, diagonal block at rows ``s:e``) in place.
+
+    The diagonal block ``D`` becomes upper triangular ``R_kk`` with ``D = R_kk R_kkᵀ``
+    (a lower Cholesky of the block with rows and columns reversed: ``b × b``, so the
+    flips cost nothing next to the rest), the rows above become ``A · R_kk⁻ᵀ``. If the
+    block is not positive definite the panel is filled with NaN.
 
     On one thread: multi-threaded LAPACK/trsm round differently with each thread
     count, and the factor must not depend on how a run was launched (torchrun
@@ -197,16 +219,16 @@ def _factor_panel(panel: torch.Tensor) -> None:
     a small part of the work; the updates (plain matmuls, which split the output
     and not the sums between threads) keep every thread.
     """
-    b = panel.shape[1]
     with single_threaded(panel.device):
-        diag, info = torch.linalg.cholesky_ex(panel[:b])
-        if int(info) != 0 or not bool(torch.isfinite(diag.diagonal()).all()):
+        lower, info = torch.linalg.cholesky_ex(panel[s:].flip(0, 1))
+        if int(info) != 0 or not bool(torch.isfinite(lower.diagonal()).all()):
             panel.fill_(math.nan)
             return
-        if panel.shape[0] > b:
-            # X · diagᵀ = A  ->  X = A · diag⁻ᵀ
-            panel[b:] = torch.linalg.solve_triangular(diag.T, panel[b:], upper=True, left=False)
-    panel[:b] = diag
+        diag = lower.flip(0, 1)
+        if s > 0:
+            # X · diagᵀ = A  ->  X = A · diag⁻ᵀ  (diagᵀ is lower triangular)
+            panel[:s] = torch.linalg.solve_triangular(diag.T, panel[:s], upper=False, left=False)
+    panel[s:] = diag
 
 
 @contextmanager
@@ -223,6 +245,6 @@ def single_threaded(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _finite_diagonal(panel: torch.Tensor) -> bool:
-    d = panel[: panel.shape[1]].diagonal()
+def _finite_diagonal(panel: torch.Tensor, s: int) -> bool:
+    d = panel[s:].diagonal()
     return bool(torch.isfinite(d).all() and (d > 0).all())

@@ -8,13 +8,16 @@ Python / kernel-launch part (a few small ops per swept column, paid again by eve
 slice a rank solves). Each part is a term with its own fitted constant:
 
 * factorisation of a ``cols × cols`` Hessian (:func:`~gptqflow.gptq.solver.prepare_factor`):
-  ``factor_overhead_s + factor_s_per_col2·cols² + factor_s_per_col3·cols³``;
+  ``factor_overhead_s + (check_s_per_col2 + factor_s_per_col2)·cols² + factor_s_per_col3·cols³``
+  (``check``: the finiteness check every rank makes of the whole Hessian; the other
+  ``cols²`` term: gathering the panels in sweep order, in the factor's dtype);
 * column sweep of ``rows`` rows (:func:`~gptqflow.gptq.solver.solve_rows`), with
   ``r = max(rows, min_sweep_rows)`` because the solver pads small slices:
   ``sweep_overhead_s + sweep_s_per_col·cols + sweep_s_per_row_col·r·cols
   + sweep_s_per_row_col2·r·cols²``;
-* a factorisation shared by ``k`` ranks: the ``cols³`` term over ``k``, plus one
-  broadcast per panel and ``shared_s_per_panel`` (fitted on two ranks);
+* a factorisation shared by ``k`` ranks: the gather and the ``cols³`` terms over ``k``
+  (each rank builds and factorises only its own panels), plus one broadcast per
+  panel and ``shared_s_per_panel`` (fitted on two ranks);
 * a collective moving ``n`` bytes: ``latency_s`` per message step plus ``n / bytes_per_s``
   (ring all-reduce moves ``2(k-1)/k·n`` per rank), plus ``reduce_s_per_byte`` for the
   ``(k-1)/k·n`` bytes each rank sums in a reduction.
@@ -77,6 +80,7 @@ class CostModel:
     bytes_per_s: float
     reduce_s_per_byte: float = 0.0
     shared_s_per_panel: float = 0.0
+    check_s_per_col2: float = 0.0
     min_sweep_rows: int = DEFAULT_MIN_SWEEP_ROWS
     fitted_on: str = ""
 
@@ -95,16 +99,19 @@ class CostModel:
         """One :func:`prepare_factor` of a ``cols × cols`` Hessian (paid once per rank per group)."""
         c = float(cols)
         return (
-            self.factor_overhead_s + self.factor_s_per_col2 * c * c + self.factor_s_per_col3 * c**3
+            self.factor_overhead_s
+            + (self.check_s_per_col2 + self.factor_s_per_col2) * c * c
+            + self.factor_s_per_col3 * c**3
         )
 
     def shared_factor_seconds(self, cols: int, ranks: int) -> float:
         """A factorisation shared by ``ranks`` ranks (:mod:`gptqflow.gptq.cholesky`), per rank.
 
-        The ``cols³`` flops are split evenly (panels are owned round-robin); the
-        ``cols²`` passes over the matrix are not (gathering a rank's own panels is
-        split, but assembling the whole factor every rank sweeps with is not, and
-        costs more); and every panel is broadcast once:
+        The ``cols³`` flops are split evenly (panels are owned round-robin), and so is
+        the ``factor_s_per_col2`` pass (a rank gathers only the panels it owns; the
+        sweep reads the panels as they arrive, so no rank assembles the whole factor);
+        the finiteness check of the whole Hessian (``check_s_per_col2``) is paid by
+        every rank; and every panel is broadcast once:
         ``ceil(cols / FACTOR_BLOCK)`` messages, float32 lower panels in all. The
         broadcasts overlap the updates in the pipeline, but are counted in full so
         the planner only shares where it clearly pays. ``shared_s_per_panel`` is what
@@ -118,8 +125,8 @@ class CostModel:
         panel_bytes = 4 * cols * (cols + FACTOR_BLOCK) // 2
         return (
             self.factor_overhead_s
-            + self.factor_s_per_col2 * c * c
-            + self.factor_s_per_col3 * c**3 / ranks
+            + self.check_s_per_col2 * c * c
+            + (self.factor_s_per_col2 * c * c + self.factor_s_per_col3 * c**3) / ranks
             + panels * (math.ceil(math.log2(ranks)) * self.latency_s + self.shared_s_per_panel)
             + panel_bytes / self.bytes_per_s
         )

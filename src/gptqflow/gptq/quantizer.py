@@ -170,13 +170,25 @@ def _grid_error(
 
 
 def round_to_grid(
-    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor | None,
+    qmin: int,
+    qmax: int,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float codes ``clamp(round(w / scale + zp))``: the one place codes are chosen.
 
     Shared by :func:`quantize` and the GPTQ sweep so both pick identical codes.
+    ``zp=None`` means a zero point of 0 (symmetric grids: adding 0 changes no code).
+    ``out`` (the broadcast shape) receives the codes without a new allocation: the
+    sweep calls this once per column, where each allocation is a noticeable cost.
     """
-    return torch.round(w / scale + zp).clamp_(qmin, qmax)
+    q = torch.div(w, scale, out=out) if out is not None else torch.div(w, scale)
+    if zp is not None:
+        q.add_(zp)
+    return q.round_().clamp_(qmin, qmax)
 
 
 def quantize(

@@ -37,12 +37,15 @@ from dataclasses import dataclass
 import torch
 
 from gptqflow.gptq.cholesky import (
+    FACTOR_BLOCK,
     LOCAL,
     PanelExchange,
     PanelSource,
     factor_panels,
+    panel_bounds,
     single_threaded,
 )
+from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.quantizer import (
     column_groups,
     compute_qparams,
@@ -74,21 +77,67 @@ class CholeskyError(ValueError):
 class HessianFactor:
     """What the column sweep needs from the Hessian; shared by every row slice.
 
-    ``feedback``: ``R / diag(R)`` column-wise, where ``R`` is the upper triangular
-    factor of the dampened Hessian in sweep order (``H = R Rᵀ``): entry ``[i, j]``
-    is how much of column ``i``'s residual column ``j`` receives (float32 unless
-    prepared in float64 for references).  ``diag``: the diagonal of ``R``, which
-    dynamic groups need to see their columns as GPTQ's updates leave them.
-    ``perm``: sweep order of the original columns (``None`` when actorder is none).
-    ``dead``: original columns whose Hessian diagonal is 0 (never activated);
-    their weights are zeroed.  ``damp``: the dampening fraction actually used.
+    ``panels``: the upper triangular factor ``R`` of the dampened Hessian in sweep
+    order (``H = R Rᵀ``), as the column panels the factorisation produced: panel
+    ``k`` is ``R[:e, s:e]`` for the ``(s, e)`` of :func:`panel_bounds` (``block``
+    columns each). Entry ``R[i, j] / R[j, j]`` is how much of column ``i``'s residual
+    column ``j`` receives. The sweep reads the panels where they are: assembling
+    (and reversing, and scaling) a dense ``cols × cols`` copy would cost every rank
+    a pass over the whole factor that sharing the factorisation does not split.
+    ``diag``: the diagonal of ``R``. ``perm``: sweep order of the original columns
+    (``None`` when actorder is none). ``dead``: original columns whose Hessian
+    diagonal is 0 (never activated); their weights are zeroed. ``damp``: the
+    dampening fraction actually used.
     """
 
-    feedback: torch.Tensor
+    panels: list[torch.Tensor]
     diag: torch.Tensor
     perm: torch.Tensor | None
     dead: torch.Tensor
     damp: float
+    block: int = FACTOR_BLOCK
+
+    @property
+    def cols(self) -> int:
+        return int(self.diag.shape[0])
+
+    def to(self, dtype: torch.dtype) -> HessianFactor:
+        """The same factor with panels and diagonal in ``dtype`` (itself if already there)."""
+        if self.diag.dtype == dtype:
+            return self
+        return HessianFactor(
+            [p.to(dtype) for p in self.panels],
+            self.diag.to(dtype),
+            self.perm,
+            self.dead,
+            self.damp,
+            self.block,
+        )
+
+    def pieces(self, start: int, stop: int) -> list[tuple[int, int, torch.Tensor]]:
+        """Columns ``start:stop`` of ``R`` as ``(a, b, R[:e, a:b])`` views, one per panel."""
+        out = []
+        for k in range(start // self.block, (stop - 1) // self.block + 1):
+            s = k * self.block
+            a, b = max(start, s), min(stop, s + self.panels[k].shape[1])
+            out.append((a, b, self.panels[k][:, a - s : b - s]))
+        return out
+
+    def square(self, start: int, stop: int) -> torch.Tensor:
+        """``R[start:stop, start:stop]`` as a new dense tensor (small blocks only)."""
+        out = self.diag.new_zeros(stop - start, stop - start)
+        for a, b, view in self.pieces(start, stop):
+            end = min(view.shape[0], stop)  # rows at or past a panel's end are zero
+            out[: end - start, a - start : b - start] = view[start:end]
+        return out
+
+    def upper(self) -> torch.Tensor:
+        """``R`` as one dense ``cols × cols`` matrix (for tests and benchmarks)."""
+        n = self.cols
+        out = self.diag.new_zeros(n, n)
+        for (s, e), p in zip(panel_bounds(n, self.block), self.panels):
+            out[:e, s:e] = p
+        return out
 
 
 def prepare_factor(
@@ -113,40 +162,37 @@ def prepare_factor(
     ``exchange`` spreads the factorisation over ranks (see
     :mod:`gptqflow.gptq.cholesky`); every rank taking part must call this with the
     same Hessian and gets the same, bit-identical factor.  The default factorises
-    here alone, with exactly the same arithmetic.
+    here alone, with exactly the same arithmetic.  Apart from the finiteness check
+    and the diagonal, a rank reads (and converts to ``dtype``) only the panels it
+    factorises.
     """
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"hessian must be square [cols, cols], got shape {tuple(hessian.shape)}")
-    h = hessian.detach().to(dtype=dtype)
-    if not bool(torch.isfinite(h).all()):
+    h = hessian.detach()
+    if not all_finite(h):
         raise CholeskyError(
             "the Hessian has NaN/inf entries: no dampening can make it positive definite", ()
         )
-    # The input is never mutated: only dead columns need a modified copy.
-    dead = h.diagonal() == 0
-    if bool(dead.any()):
-        h = h.clone()
-        h[dead, :] = 0
-        h[:, dead] = 0
-        h.diagonal()[dead] = 1
+    diag = h.diagonal().to(dtype)
+    dead = diag == 0
+    diag = torch.where(dead, torch.ones_like(diag), diag)
     perm = None
     if args.actorder != "none":
         # Stable sort: ties (e.g. dead columns, all with diagonal 1) keep their
         # original order, so the permutation is deterministic.
-        perm = torch.sort(h.diagonal(), descending=True, stable=True).indices
-    n = h.shape[0]
-    order = perm if perm is not None else torch.arange(n, device=h.device)
-    mean_diag = h.diagonal()[order].mean()
-    # H = R Rᵀ with R upper is the Cholesky of H with rows and columns reversed.
-    source = _reversed_panels(h, order.flip(0))
+        perm = torch.sort(diag, descending=True, stable=True).indices
+    order = perm if perm is not None else torch.arange(h.shape[0], device=h.device)
+    mean_diag = diag[order].mean()
+    source = _sweep_order_panels(h, order, dead if bool(dead.any()) else None, dtype)
     tried: list[float] = []
     for attempt in range(args.max_damp_retries + 1):
         fraction = args.dampening * 10.0**attempt
         tried.append(fraction)
         panels = factor_panels(source, exchange, shift=fraction * mean_diag)
         if panels is not None:
-            feedback, diag = _feedback(panels, n)
-            return HessianFactor(feedback, diag, perm=perm, dead=dead, damp=fraction)
+            bounds = panel_bounds(source.n, FACTOR_BLOCK)
+            r_diag = torch.cat([p[s:e].diagonal() for (s, e), p in zip(bounds, panels)])
+            return HessianFactor(panels, r_diag, perm=perm, dead=dead, damp=fraction)
     raise CholeskyError(
         f"Cholesky of the dampened Hessian failed for every dampening fraction tried "
         f"{tried} (times the mean diagonal {float(mean_diag):.4g})",
@@ -154,42 +200,32 @@ def prepare_factor(
     )
 
 
-def _reversed_panels(h: torch.Tensor, rev: torch.Tensor) -> PanelSource:
-    """Panels of ``h[rev][:, rev]`` for a symmetric ``h``, built on demand.
+def _sweep_order_panels(
+    h: torch.Tensor, order: torch.Tensor, dead: torch.Tensor | None, dtype: torch.dtype
+) -> PanelSource:
+    """Panels ``H'[:e, s:e]`` of ``H' = h[order][:, order]`` in ``dtype``, built on demand.
 
-    Permuting and reversing happen in one gather per panel, of whole rows of ``h``
-    (``h[cols][:, rows]ᵀ``, equal to ``h[rows][:, cols]`` by symmetry: gathering
-    rows is ten times faster than gathering columns), and only for the panels this
-    rank factorises: a rank sharing the factorisation with ``k - 1`` others
-    touches about ``1/k`` of the Hessian.
+    One gather per panel, of whole rows of ``h`` (``h[cols][:, rows]ᵀ``, equal to
+    ``h[rows][:, cols]`` by symmetry: gathering rows is ten times faster than
+    gathering columns), converted to ``dtype`` on the way, and only for the panels
+    this rank factorises: a rank sharing the factorisation with ``k - 1`` others
+    touches about ``1/k`` of the Hessian. Dead columns (``dead``, original order)
+    get their row and column zeroed and diagonal 1.
     """
+    dead_s = dead[order] if dead is not None else None
 
     def panel(s: int, e: int) -> torch.Tensor:
-        rows, cols = rev[s:], rev[s:e]
-        return h.index_select(0, cols).index_select(1, rows).T.contiguous()
+        rows = h.index_select(0, order[s:e]).to(dtype).index_select(1, order[:e])
+        p = torch.empty(e, e - s, dtype=dtype, device=h.device)
+        p.copy_(rows.T)
+        if dead_s is not None:
+            p[dead_s[:e]] = 0
+            p[:, dead_s[s:e]] = 0
+            cols = torch.nonzero(dead_s[s:e]).flatten()
+            p[s + cols, cols] = 1
+        return p
 
-    return PanelSource(h.shape[0], panel, h.dtype, h.device)
-
-
-def _feedback(panels: list[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R / diag(R) column-wise, diag(R))`` from the panels of ``L``, where ``R = reverse(L)``.
-
-    ``L`` is the lower factor of the reversed matrix; reversing its rows and columns
-    gives the upper ``R``.  Built panel by panel, straight into the result, so the
-    factor is copied once (not assembled, reversed and scaled as three copies).
-    """
-    out = panels[0].new_empty(n, n)
-    diags = []
-    start = 0
-    for p in panels:
-        end = start + p.shape[1]
-        d = p[: p.shape[1]].diagonal()
-        diags.append(d)
-        # L[start:, start:end] reversed is R[:n-start, n-end:n-start]; below it R is 0.
-        out[: n - start, n - end : n - start] = p.flip(0, 1) / d.flip(0)[None, :]
-        out[n - start :, n - end : n - start] = 0
-        start = end
-    return out, torch.cat(diags).flip(0)
+    return PanelSource(h.shape[0], panel, dtype, h.device)
 
 
 @dataclass(frozen=True)
@@ -260,8 +296,7 @@ def solve_rows(
     grid = _plan_grid(work, factor, args, group, weight.dtype)
 
     sweep_t = work.T.contiguous() if factor.perm is None else work.T[factor.perm]
-    feedback, diag = factor.feedback.to(dtype), factor.diag.to(dtype)
-    codes_t, scale_t, zp_t = _sweep(sweep_t, feedback, diag, grid, args, weight.dtype)
+    codes_t, scale_t, zp_t = _sweep(sweep_t, factor.to(dtype), grid, args, weight.dtype)
 
     if factor.perm is not None:
         codes_t = codes_t[torch.argsort(factor.perm)]
@@ -283,10 +318,8 @@ def solve_rows(
 
 def _check_factor(factor: HessianFactor, cols: int, args: QuantArgs) -> None:
     """Reject a factor prepared for another matrix or another actorder."""
-    if tuple(factor.feedback.shape) != (cols, cols):
-        raise ValueError(
-            f"factor is for {factor.feedback.shape[0]} columns but the weight has {cols}"
-        )
+    if factor.cols != cols:
+        raise ValueError(f"factor is for {factor.cols} columns but the weight has {cols}")
     if (factor.perm is None) != (args.actorder == "none"):
         raise ValueError(
             f"factor was prepared for a different actorder than {args.actorder!r}; "
@@ -296,8 +329,7 @@ def _check_factor(factor: HessianFactor, cols: int, args: QuantArgs) -> None:
 
 def _sweep(
     w_t: torch.Tensor,
-    feedback: torch.Tensor,
-    diag: torch.Tensor,
+    factor: HessianFactor,
     grid: _Grid,
     args: QuantArgs,
     storage: torch.dtype,
@@ -324,20 +356,37 @@ def _sweep(
         if i1 == 0:
             corr = torch.zeros(i2 - i1, rows, dtype=w_t.dtype, device=w_t.device)
         else:
-            corr = feedback[:i1, i1:i2].T @ w_t[:i1]
+            corr = _received(factor, w_t, i1, i1, i2)
+        # The block's own feedback, scaled: entry [i, j] is R_ij / R_jj.
+        local = factor.square(i1, i2) / factor.diag[None, i1:i2]
         # The per-column work is many small, memory-bound ops: threads add a
         # barrier per op and stall badly when cores are shared, so it runs on one
         # thread; the block's matmul above uses all of them.
         with single_threaded(w_t.device):
-            _sweep_block(w_t, corr, feedback, diag, grid, args, storage, i1, codes, scale_t, zp_t)
+            _sweep_block(w_t, corr, local, factor, grid, args, storage, i1, codes, scale_t, zp_t)
     return codes, scale_t, zp_t
+
+
+def _received(
+    factor: HessianFactor, w_t: torch.Tensor, upto: int, start: int, stop: int
+) -> torch.Tensor:
+    """``Σ_{i<upto} (R_ij / R_jj) · w_t[i]`` for the swept columns ``j`` in ``start:stop``.
+
+    The feedback of the residuals ``w_t[:upto]`` (every row of ``R`` used lies above
+    the columns, so inside the panels): one matmul with a long inner dimension per
+    panel the columns fall in (one for the default block sizes, which divide the
+    panel width).
+    """
+    parts = [view[:upto].T @ w_t[:upto] for _, _, view in factor.pieces(start, stop)]
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return sums / factor.diag[start:stop, None]
 
 
 def _sweep_block(
     w_t: torch.Tensor,
     corr: torch.Tensor,
-    feedback: torch.Tensor,
-    diag: torch.Tensor,
+    local: torch.Tensor,
+    factor: HessianFactor,
     grid: _Grid,
     args: QuantArgs,
     storage: torch.dtype,
@@ -348,37 +397,52 @@ def _sweep_block(
 ) -> None:
     """Quantize swept columns ``i1:i1+len(corr)`` one by one.
 
-    ``corr`` holds the block's feedback so far (updated here).  Writes ``codes``
-    (and ``scale_t``/``zp_t`` for groups starting here) and replaces each column
-    of ``w_t`` by its residual.
+    ``corr`` holds the block's feedback so far (updated here; a column's row is
+    scratch once the column is done), ``local`` the block's scaled factor.  Writes
+    ``codes`` (and ``scale_t``/``zp_t`` for groups starting here) and replaces each
+    column of ``w_t`` by its residual.
+
+    Every column costs a fixed number of small ops, paid again by every rank that
+    sweeps rows of the group (row splitting does not shrink it), so the loop uses
+    in-place ops on views taken once per block: ten kernels per column, no
+    allocations. The arithmetic is the plain sequence ``w = w₀ + corr``,
+    ``q = clamp(round(w / s + z))``, ``r = w₀ - (q - z)·s``, ``corr' += f · r``,
+    with no fused kernels: each element is rounded the same way whatever the
+    number of rows.
     """
     cols = w_t.shape[0]
-    i2 = i1 + corr.shape[0]
+    bs = corr.shape[0]
     size = grid.dynamic_size
-    for j in range(i1, i2):
+    asym = not args.symmetric
+    originals = w_t[i1 : i1 + bs].unbind(0)  # become the residuals
+    currents = corr.unbind(0)
+    code_rows = codes[i1 : i1 + bs].unbind(0)
+    scales, zps = scale_t.unbind(0), zp_t.unbind(0)
+    scratch = torch.empty_like(corr)
+    for k in range(bs):
+        j = i1 + k
         if size and j % size == 0:
-            current = _current_columns(w_t, corr, feedback, diag, i1, j, min(j + size, cols))
+            current = _current_columns(w_t, corr, factor, i1, j, min(j + size, cols))
             scale, zp = compute_qparams(current.T, args, scale_dtype=storage)
             scale_t[j // size] = scale[:, 0]
             zp_t[j // size] = zp[:, 0]
         g = grid.sweep_groups[j]
-        scale_g, zp_g = scale_t[g], zp_t[g]
-        w = w_t[j] + corr[j - i1]
-        q = round_to_grid(w, scale_g, zp_g, args.qmin, args.qmax)
-        codes[j] = q
-        residual = w_t[j] - (q - zp_g) * scale_g
-        w_t[j] = residual
-        if j + 1 < i2:
-            # Explicit multiply then add (no fused kernel): each element is
-            # rounded the same way whatever the number of rows.
-            corr[j + 1 - i1 :] += feedback[j, j + 1 : i2, None] * residual
+        s, z = scales[g], zps[g]
+        w = currents[k].add_(originals[k])
+        q = round_to_grid(w, s, z if asym else None, args.qmin, args.qmax, out=code_rows[k])
+        dq = torch.sub(q, z, out=w) if asym else torch.mul(q, s, out=w)
+        if asym:
+            dq.mul_(s)
+        residual = originals[k].sub_(dq)
+        if k + 1 < bs:
+            update = torch.mul(local[k, k + 1 :, None], residual, out=scratch[: bs - k - 1])
+            corr[k + 1 :].add_(update)
 
 
 def _current_columns(
     w_t: torch.Tensor,
     corr: torch.Tensor,
-    feedback: torch.Tensor,
-    diag: torch.Tensor,
+    factor: HessianFactor,
     i1: int,
     j: int,
     end: int,
@@ -401,9 +465,9 @@ def _current_columns(
     block_end = i1 + corr.shape[0]
     partial = corr[j - i1 : min(end, block_end) - i1]
     if end > block_end:
-        partial = torch.cat([partial, feedback[:j, block_end:end].T @ w_t[:j]])
-    d = diag[j:end]
-    r_gg = feedback[j:end, j:end] * d[None, :]
+        partial = torch.cat([partial, _received(factor, w_t, j, block_end, end)])
+    d = factor.diag[j:end]
+    r_gg = factor.square(j, end)
     update = torch.linalg.solve_triangular(r_gg.T, partial * d[:, None], upper=False)
     return w_t[j:end] + update
 
