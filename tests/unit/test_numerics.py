@@ -198,3 +198,19 @@ def test_dead_columns_have_no_influence_on_the_other_columns(actorder: ActOrder)
     assert torch.equal(quiet_res.scale, loud_res.scale)
     assert not loud_res.dequant[:, dead].any()
     assert torch.isfinite(loud_res.dequant).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_all_finite_agrees_with_isfinite(dtype: torch.dtype, bad: float) -> None:
+    """The fast check (min and max of the tensor) is exact: any NaN or ±inf anywhere fails it."""
+    from gptqflow.gptq.numerics import all_finite
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 53, generator=gen) * 100).to(dtype)
+    assert all_finite(x) and all_finite(x[:0])
+    for where in [(0, 0), (18, 26), (36, 52)]:
+        y = x.clone()
+        y[where] = bad
+        assert not all_finite(y)
+        assert all_finite(y) == bool(torch.isfinite(y).all())

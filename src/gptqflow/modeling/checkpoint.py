@@ -70,6 +70,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gptqflow.framework.errors import GptqflowError
+from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.types import QuantArgs, QuantResult
 
 __all__ = [
@@ -258,7 +259,7 @@ def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
     The solve stage stops at the layer where non-finite values appear; this is the
     last guard for tensors it never sees (embeddings, norms, an unquantized lm_head).
     """
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not all_finite(t)]
     if bad:
         raise GptqflowError(
             f"refusing to write a checkpoint with NaN/Inf values in {len(bad)} tensor(s) "

@@ -46,6 +46,7 @@ from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.cholesky import LOCAL, PanelExchange
+from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
@@ -130,8 +131,8 @@ class SolveStage(Stage):
 
 
 def _nonfinite(t: torch.Tensor) -> int:
-    """How many entries of ``t`` are NaN or +-Inf."""
-    return int((~torch.isfinite(t)).sum())
+    """How many entries of ``t`` are NaN or +-Inf (counted only when there are any)."""
+    return 0 if all_finite(t) else int((~torch.isfinite(t)).sum())
 
 
 def check_finite_inputs(step: GroupStep) -> None:
