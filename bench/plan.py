@@ -37,6 +37,7 @@ def scaled_factor(cost: CostModel, scale: float) -> CostModel:
         factor_overhead_s=cost.factor_overhead_s * scale,
         factor_s_per_col2=cost.factor_s_per_col2 * scale,
         factor_s_per_col3=cost.factor_s_per_col3 * scale,
+        check_s_per_col2=cost.check_s_per_col2 * scale,
         fitted_on=f"{cost.fitted_on}; factorisation x{scale:g} (what-if)",
     )
 

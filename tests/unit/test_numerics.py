@@ -22,6 +22,7 @@ from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.runner import format_summary, merge_fallbacks
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.hessian import HessianSum
+from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.plan import split_rows
 from gptqflow.gptq.quantizer import rtn_quantize
 from gptqflow.gptq.solver import gptq_solve
@@ -204,8 +205,6 @@ def test_dead_columns_have_no_influence_on_the_other_columns(actorder: ActOrder)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_all_finite_agrees_with_isfinite(dtype: torch.dtype, bad: float) -> None:
     """The fast check (min and max of the tensor) is exact: any NaN or ±inf anywhere fails it."""
-    from gptqflow.gptq.numerics import all_finite
-
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(37, 53, generator=gen) * 100).to(dtype)
     assert all_finite(x) and all_finite(x[:0])

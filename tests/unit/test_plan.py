@@ -208,14 +208,14 @@ def test_speedup_target_holds_when_factorising_is_cheap() -> None:
 
 @pytest.mark.parametrize(
     ("cost", "target"),
-    [(synthetic(), 3.4), (CostModel.default(), 3.3)],
+    [(synthetic(), 3.4), (CostModel.default(), 3.6)],
     ids=["synthetic", "bundled"],
 )
 def test_speedup_with_a_shared_factorisation(cost: CostModel, target: float) -> None:
     """With CPU factorisation costs, 4 ranks need down_proj's factorisation shared.
 
-    Issue 3 asks for 3.6x; the bundled fit predicts 3.47x (other fits of this
-    machine: 3.33-3.61x, docs/planning.md), so the test holds the line below that.
+    Issue 3 asks for 3.6x at 4 ranks on Llama-3-8B shapes; the bundled fit predicts
+    3.75x (docs/planning.md).
     """
     pred = layer_prediction(LLAMA3_8B, 4, cost, "cost")
     assert pred.speedup >= target
@@ -256,6 +256,24 @@ def test_shared_factor_seconds() -> None:
     assert four < two < cost.factor_seconds(14336)
     # The cols³ flops split; the messages do not shrink with more ranks.
     assert four > cost.factor_s_per_col3 * 14336**3 / 4
+
+
+def test_shared_factorisation_splits_the_gather_but_not_the_check() -> None:
+    """Each rank gathers only its own panels; every rank checks the whole Hessian."""
+    cost = dataclasses.replace(
+        synthetic(),
+        factor_s_per_col3=0.0,
+        latency_s=0.0,
+        bytes_per_s=1e30,
+        shared_s_per_panel=0.0,
+        check_s_per_col2=2e-9,
+    )
+    c = 8192
+    alone = cost.factor_seconds(c) - cost.factor_overhead_s
+    assert alone == pytest.approx((2e-9 + cost.factor_s_per_col2) * c * c)
+    for k in (2, 4, 8):
+        shared = cost.shared_factor_seconds(c, k) - cost.factor_overhead_s
+        assert shared == pytest.approx((2e-9 + cost.factor_s_per_col2 / k) * c * c)
 
 
 def test_column_balancer_reproduces_the_known_limit() -> None:
