@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -96,6 +97,7 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
         speed = loop_seconds(base) / loop_seconds(r)
         comm = sum(r["stages"][s]["seconds"] for s in COMM)
         imb = [layer["imbalance"] for layer in r["layers"]]
+        cpu_imb = [layer.get("busy_imbalance", math.nan) for layer in r["layers"]]
         busy = [
             {
                 s: round(rk["stages"][s]["seconds"], 1)
@@ -111,7 +113,8 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
         out.append(
             f"- {name}: layer-loop speedup {speed:.2f}x; collectives {comm:.1f}s = "
             f"{100 * comm / r['seconds']:.1f}% of wall; {r['bytes_communicated'] / 2**20:.0f} MiB sent by rank 0; "
-            f"solve imbalance max {max(imb):.3f} / median {statistics.median(imb):.3f}; busy per rank {busy}; "
+            f"solve imbalance (wall) max {max(imb):.3f} / median {statistics.median(imb):.3f}, "
+            f"(CPU) max {max(cpu_imb):.3f} / median {statistics.median(cpu_imb):.3f}; busy per rank {busy}; "
             f"codes equal to 1 rank: {100 * agree:.4f}%; perplexity vs 1 rank: {dppl}"
         )
     return "\n".join(out)

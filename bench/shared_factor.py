@@ -53,9 +53,9 @@ def _rank(rank: int, world: int, port: int, cols: list[int], reps: int, out: str
                 t = time.perf_counter()
                 factor = prepare_factor(h, ARGS, exchange=RankExchange(ctx))
                 times.append(max(ctx.gather_objects(time.perf_counter() - t)))
-            results[c] = (statistics.median(times), factor.feedback.sum().item())
+            results[c] = (statistics.median(times), factor.upper().sum().item())
             if rank == 0:
-                torch.save(factor.feedback, Path(out).with_suffix(f".{c}.pt"))
+                torch.save(factor.upper(), Path(out).with_suffix(f".{c}.pt"))
     finally:
         ctx.close()
     if rank == 0:
@@ -95,7 +95,7 @@ def main() -> None:
         identical = {
             c: torch.equal(
                 torch.load(Path(out).with_suffix(f".{c}.pt")),
-                prepare_factor(hessian(c), ARGS).feedback,
+                prepare_factor(hessian(c), ARGS).upper(),
             )
             for c in args.cols
         }

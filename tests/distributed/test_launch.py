@@ -39,6 +39,11 @@ def test_run_starts_ranks_itself(tiny_llama_dir: Path, tmp_path: Path) -> None:
     report = json.loads((out2 / "report.json").read_text())
     assert report["world_size"] == 2 and len(report["ranks"]) == 2
     assert report["bytes_communicated"] > 0
+    # runtime.cpu_affinity=auto: on a machine with a core per rank, disjoint cores.
+    cores = [r["cpu_cores"] for r in report["ranks"]]
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        assert all(cores) and not set(cores[0]) & set(cores[1]), cores
+    assert json.loads((out1 / "report.json").read_text())["ranks"][0]["cpu_cores"] is None
     assert (out1 / "checkpoint" / "model.safetensors").read_bytes() == (
         out2 / "checkpoint" / "model.safetensors"
     ).read_bytes()

@@ -63,8 +63,10 @@ def test_reports_name_every_rank(runs: dict[int, tuple[Path, dict[str, Any]]]) -
     for ws, (_, report) in runs.items():
         assert report["world_size"] == ws
         assert [r["rank"] for r in report["ranks"]] == list(range(ws))
-        assert all(layer["imbalance"] >= 1.0 for layer in report["layers"])
-        assert len(report["layers"][0]["solve_seconds"]) == ws
+        for layer in report["layers"]:
+            assert layer["imbalance"] >= 1.0 and layer["busy_imbalance"] >= 1.0
+            assert len(layer["solve_seconds"]) == len(layer["solve_cpu_seconds"]) == ws
+            assert all(s > 0 for s in layer["solve_cpu_seconds"])
 
 
 @pytest.mark.parametrize("ws", [2, 3])

@@ -107,3 +107,25 @@ def test_launcher_inserts_its_overrides_next_to_the_users() -> None:
         "x=1,2",
         "hydra.sweep.dir=s",
     ]
+
+
+def test_frozen_heap_keeps_the_collector_off_old_objects_and_still_collects_new_garbage() -> None:
+    import gc
+    import weakref
+
+    from gptqflow.framework.runner import frozen_heap
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self  # a cycle: only the cyclic collector frees it
+
+    old = Node()
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0
+        new = Node()
+        alive = weakref.ref(new)
+        del new
+        gc.collect()
+        assert alive() is None, "garbage made inside the loop is still collected"
+    assert gc.get_freeze_count() == 0
+    assert old.me is old

@@ -119,6 +119,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this machine
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str = "none"
     timeout_s: float = 600.0
@@ -152,6 +153,7 @@ class DistContext:
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
             local_rank=local_rank,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
             device=dev,
             backend=chosen,
             timeout_s=timeout_s,

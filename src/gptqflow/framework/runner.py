@@ -10,6 +10,7 @@ gathers every rank's numbers into rank 0's ``report.json``, and writes
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from gptqflow.framework.affinity import apply_cpu_affinity
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.logs import configure_logging
@@ -89,6 +91,33 @@ class StageClock:
             self.add(key, time.perf_counter() - start, peak_rss())
 
 
+def _imbalance(seconds: list[float]) -> float:
+    """max / mean over the ranks (1.0 when nobody spent any time)."""
+    mean = sum(seconds) / len(seconds)
+    return (max(seconds) / mean) if mean > 0 else 1.0
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector off the objects that live through the loop.
+
+    A loaded model, transformers, Hydra and torch hold ~400k Python objects; a full
+    collection walks all of them (0.1-0.3 s on this project's CPU), and the layer loop
+    allocates enough small objects (tensor views, per-column temporaries) to trigger
+    one every so often, at a different moment on each rank. On a 0.2 s layer solve
+    that single stall is a 1.5x load imbalance, and the other ranks wait for it at the
+    next collective. ``gc.freeze`` moves everything alive now into a permanent
+    generation that collections skip; garbage made inside the loop is still
+    collected. One collection first, so no garbage is frozen; unfrozen afterwards.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 # ---------------------------------------------------------------------- the runner
 class Runner:
     """Runs one recipe on one rank. Build it, then call :meth:`run`."""
@@ -103,6 +132,7 @@ class Runner:
         self.output_dir = Path(recipe.output_dir)
         self.resume = ResumePoints(self.output_dir, recipe, ctx)
         self.state: PipelineState | None = None  # kept after run() for inspection and tests
+        self.cpu_cores: list[int] | None = None  # runtime.cpu_affinity's binding, if any
 
     # -------------------------------------------------------------- entry point
     def run(self) -> dict[str, Any]:
@@ -122,8 +152,15 @@ class Runner:
                 ) from exc
             _write_atomic(self.output_dir / "recipe.yaml", _recipe_yaml(self.resolved))
         rt = self.recipe.runtime
+        cores = self.cpu_cores = apply_cpu_affinity(
+            rt.cpu_affinity, ctx.device.type, ctx.local_rank, ctx.local_world_size, rt.num_threads
+        )
+        if cores is not None:
+            log.info("cpu_affinity: local rank %d bound to cores %s", ctx.local_rank, cores)
         if rt.num_threads:
             torch.set_num_threads(rt.num_threads)
+        elif cores is not None and torch.get_num_threads() > len(cores):
+            torch.set_num_threads(len(cores))  # no more threads than the cores it may use
         torch.manual_seed(self.recipe.seed)
         state = self.state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
         state.extra["progress"] = progress_enabled(rt.progress, ctx.is_main)
@@ -170,6 +207,10 @@ class Runner:
 
     def _run_layer_loop(self, state: PipelineState, stages: list[Stage], ids: list[str]) -> None:
         """calibrate drives the layers; every group goes through the other loop stages."""
+        with frozen_heap():
+            self._layer_loop(state, stages, ids)
+
+    def _layer_loop(self, state: PipelineState, stages: list[Stage], ids: list[str]) -> None:
         calibrate, rest = stages[0], list(zip(ids[1:], stages[1:]))
         with self.clock.measure(ids[0]):
             calibrate.run(state, self.ctx)  # captures the first layer's inputs
@@ -178,12 +219,12 @@ class Runner:
         _reset_hwm()
         # Per-layer totals of the current layer: seconds inside the group stages,
         # this rank's solve seconds, and the summed GPTQ loss.
-        in_groups = solve_s = loss = 0.0
+        in_groups = solve_s = solve_cpu = loss = 0.0
         groups = 0
         shared: list[str] = []  # groups whose factorisation every rank shared
 
         def on_group(step: GroupStep) -> None:
-            nonlocal in_groups, solve_s, loss, groups
+            nonlocal in_groups, solve_s, solve_cpu, loss, groups
             groups += 1
             t0 = time.perf_counter()
             for sid, stage in rest:
@@ -192,6 +233,7 @@ class Runner:
                 self.clock.add(sid, time.perf_counter() - t, 0)
             in_groups += time.perf_counter() - t0
             solve_s += step.solve_seconds.get(self.ctx.rank, 0.0)
+            solve_cpu += step.solve_cpu_seconds.get(self.ctx.rank, 0.0)
             loss += sum(state.quantized[n].loss for n in step.names)
             if step.shared_factor:
                 shared.append("+".join(n.rsplit(".", 1)[-1] for n in step.names))
@@ -199,7 +241,7 @@ class Runner:
         tokens = calibration_tokens(self.recipe)
         bar = LayerProgress(range(first, n_layers), n_layers, state.extra["progress"], tokens)
         for index in bar:
-            in_groups = solve_s = loss = 0.0
+            in_groups = solve_s = solve_cpu = loss = 0.0
             groups = 0
             shared.clear()
             t = time.perf_counter()
@@ -207,7 +249,12 @@ class Runner:
             layer_s = time.perf_counter() - t
             self.clock.add(ids[0], layer_s - in_groups, 0)
             self._finish_layer(
-                state, index, layer_s, solve_s, loss if groups else math.nan, list(shared)
+                state,
+                index,
+                layer_s,
+                (solve_s, solve_cpu),
+                loss if groups else math.nan,
+                list(shared),
             )
             bar.layer_done(layer_s)
             self.resume.after_layer(state, index + 1, n_layers)
@@ -222,18 +269,28 @@ class Runner:
         state: PipelineState,
         index: int,
         seconds: float,
-        solve_s: float,
+        solve_s: tuple[float, float],
         loss: float,
         shared: list[str],
     ) -> None:
-        """Gather every rank's solve time for the layer: the load imbalance goes in the report."""
-        solve = self.ctx.gather_objects(solve_s)
-        mean = sum(solve) / len(solve)
+        """Gather every rank's solve time for the layer: the load imbalance goes in the report.
+
+        ``imbalance`` is max / mean of the ranks' wall seconds in ``solve``: what the
+        slowest rank makes the others wait. ``busy_imbalance`` is the same ratio of
+        the CPU seconds their processes spent there: the work the plan gave each rank,
+        without the time a rank lost to other processes on its core (with one thread
+        per rank the two differ only by such stalls; with more threads CPU seconds
+        count every thread).
+        """
+        pairs = self.ctx.gather_objects(solve_s)
+        solve, cpu = [p[0] for p in pairs], [p[1] for p in pairs]
         entry = {
             "index": index,
             "seconds": seconds,
             "solve_seconds": solve,
-            "imbalance": (max(solve) / mean) if mean > 0 else 1.0,
+            "imbalance": _imbalance(solve),
+            "solve_cpu_seconds": cpu,
+            "busy_imbalance": _imbalance(cpu),
             # GPTQ objective summed over the layer's modules; None unless solve.report_loss.
             "loss": None if math.isnan(loss) else loss,
             # Groups whose factorisation every rank shared (see gptqflow.gptq.plan).
@@ -261,6 +318,7 @@ class Runner:
             "stages": self.clock.stats,
             "peak_rss_bytes": peak,
             "fallbacks": state.fallbacks,
+            "cpu_cores": self.cpu_cores,
         }
         # Calibration tokens of this rank (its samples x seq_len) once a layer used them.
         mine["tokens_calibrated"] = (

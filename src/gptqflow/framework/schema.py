@@ -113,6 +113,13 @@ class RuntimeGroup(_Group):
         description="torch threads per rank (null: torch default).",
         json_schema_extra={"unit": "threads"},
     )
+    cpu_affinity: Literal["auto", "none"] = Field(
+        "auto",
+        description="auto: on the CPU, with several ranks on this machine that fit the cores "
+        "this process may use, bind each local rank to cores of its own (rank r: cores "
+        "r*T..r*T+T-1 of them, T = num_threads, or cores / ranks); none: leave placement to "
+        "the OS (a machine shared with other jobs).",
+    )
     progress: bool = Field(
         True,
         description="Layer progress bar on rank 0 when stderr is a terminal (layers done, "

@@ -41,6 +41,9 @@ class GroupStep:
     solve_seconds: dict[int, float] = field(
         default_factory=dict
     )  # rank -> seconds (this rank's entry)
+    solve_cpu_seconds: dict[int, float] = field(
+        default_factory=dict
+    )  # rank -> CPU seconds of this rank's process during its solve
 
     @property
     def cols(self) -> int:

@@ -19,7 +19,8 @@ the paper's updates telescope into
 where ``w`` are the *original* weights and ``q`` the dequantized ones: the
 feedback of column ``i`` into column ``j`` is ``R_ij / R_jj``, applied to column
 ``i``'s residual.  So one Cholesky suffices, and it is the blocked one of
-:mod:`gptqflow.gptq.cholesky`, which several ranks can share.  The sweep is
+:mod:`gptqflow.gptq.cholesky`, which computes ``R`` directly (no reversed copy)
+and which several ranks can share; the sweep reads its panels in place.  The sweep is
 left-looking: a block of columns first receives the feedback of all earlier
 residuals as one matmul with a long inner dimension (``[b, i1] @ [i1, rows]``),
 then its columns are quantized one by one with rank-1 feedback inside the block.

@@ -76,7 +76,7 @@ class SolveStage(Stage):
         args = self.args
         state.quant_args = args
         mine = [s for s in step.plan if s.rank == ctx.rank]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         check_finite_inputs(step)
         gptq = self.config.method == "gptq"
         exchange: PanelExchange = RankExchange(ctx) if step.shared_factor else LOCAL
@@ -114,6 +114,7 @@ class SolveStage(Stage):
                 step.results[(s.module, s.start)] = part
                 offset += s.rows
         step.solve_seconds[ctx.rank] = time.perf_counter() - start
+        step.solve_cpu_seconds[ctx.rank] = time.process_time() - cpu
 
     def _cholesky_failed(self, step: GroupStep, exc: CholeskyError, ctx: DistContext) -> str:
         """Raise (``on_failure: error``) or return the reason for a round-to-nearest fallback."""
