@@ -46,3 +46,13 @@ def test_apply_binds_this_process_and_none_leaves_it_alone() -> None:
             assert os.sched_getaffinity(0) == {sorted(before)[1]}
     finally:
         os.sched_setaffinity(0, before)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_a_refused_binding_leaves_the_rank_unbound(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(pid: int, cores: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert apply_cpu_affinity("auto", "cpu", 0, 2, None) is None

@@ -56,5 +56,9 @@ def apply_cpu_affinity(
                 len(available),
             )
         return None
-    os.sched_setaffinity(0, cores)
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError as exc:  # e.g. a cpuset that changed under us: run unbound, say so
+        log.warning("cpu_affinity: could not bind to cores %s (%s); ranks left unbound", cores, exc)
+        return None
     return cores
