@@ -17,8 +17,9 @@ and ``gptqflow.gptq.solver``) for a Llama-style decoder layer read from the mode
   (q/k/v, o, gate/up, down);
 * solve, per module: the exact flop count of the lazy-batch sweep (in-block
   rank-1 updates plus the trailing block matmuls, ``≈ rows·cols²``), and per group
-  one factorisation of the Hessian (Cholesky ``cols³/3``, ``cholesky_inverse``
-  ``2·cols³/3``, Cholesky of the inverse ``cols³/3``);
+  one factorisation of the Hessian: one Cholesky, ``cols³/3`` (the nearest-plane
+  sweep needs ``H = R Rᵀ`` only; the paper's Cholesky, inverse and Cholesky of the
+  inverse would be ``4·cols³/3``);
 * the embedding capture before the first layer is a gather (no flops), counted 0.
 
 Work the pipeline does on top of the floor (the one-sample ``trace_groups``
@@ -109,8 +110,8 @@ def sweep_flops(rows: int, cols: int, block: int) -> int:
 
 
 def factor_flops(cols: int) -> float:
-    """Cholesky (n³/3) + cholesky_inverse (trtri + lauum, 2n³/3) + Cholesky of the inverse."""
-    return 4.0 * cols**3 / 3.0
+    """One Cholesky (n³/3): the solver's only factorisation (``gptq/cholesky.py``)."""
+    return cols**3 / 3.0
 
 
 @dataclass
