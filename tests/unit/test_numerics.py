@@ -22,7 +22,7 @@ from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.runner import format_summary, merge_fallbacks
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.hessian import HessianSum
-from gptqflow.gptq.numerics import all_finite
+from gptqflow.gptq.numerics import all_finite, count_nonfinite
 from gptqflow.gptq.plan import split_rows
 from gptqflow.gptq.quantizer import rtn_quantize
 from gptqflow.gptq.solver import gptq_solve
@@ -213,3 +213,5 @@ def test_all_finite_agrees_with_isfinite(dtype: torch.dtype, bad: float) -> None
         y[where] = bad
         assert not all_finite(y)
         assert all_finite(y) == bool(torch.isfinite(y).all())
+        assert count_nonfinite(y) == 1
+    assert count_nonfinite(x) == 0

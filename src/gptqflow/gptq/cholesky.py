@@ -48,6 +48,7 @@ __all__ = [
     "LocalExchange",
     "PanelExchange",
     "PanelSource",
+    "assemble",
     "blocked_cholesky",
     "factor_panels",
     "panel_bounds",
@@ -143,10 +144,13 @@ def blocked_cholesky(
     panels of :func:`factor_panels` directly).
     """
     panels = factor_panels(PanelSource.of(a), exchange, block, shift=shift)
-    if panels is None:
-        return None
-    n = a.shape[0]
-    out = a.new_zeros(n, n)
+    return None if panels is None else assemble(panels, block)
+
+
+def assemble(panels: list[torch.Tensor], block: int = FACTOR_BLOCK) -> torch.Tensor:
+    """The dense ``n × n`` matrix ``R`` from the panels of :func:`factor_panels`."""
+    n = sum(p.shape[1] for p in panels)
+    out = panels[0].new_zeros(n, n)
     for (s, e), p in zip(panel_bounds(n, block), panels):
         out[:e, s:e] = p
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_finite"]
+__all__ = ["all_finite", "count_nonfinite"]
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -20,3 +20,12 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many entries of ``t`` are NaN or ±inf, for error messages.
+
+    The fast :func:`all_finite` first: the count (a slow ``isfinite`` pass) is only
+    made when there is something to count.
+    """
+    return 0 if all_finite(t) else int((~torch.isfinite(t)).sum())

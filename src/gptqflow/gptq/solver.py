@@ -42,6 +42,7 @@ from gptqflow.gptq.cholesky import (
     LOCAL,
     PanelExchange,
     PanelSource,
+    assemble,
     factor_panels,
     panel_bounds,
     single_threaded,
@@ -134,11 +135,7 @@ class HessianFactor:
 
     def upper(self) -> torch.Tensor:
         """``R`` as one dense ``cols × cols`` matrix (for tests and benchmarks)."""
-        n = self.cols
-        out = self.diag.new_zeros(n, n)
-        for (s, e), p in zip(panel_bounds(n, self.block), self.panels):
-            out[:e, s:e] = p
-        return out
+        return assemble(self.panels, self.block)
 
 
 def prepare_factor(

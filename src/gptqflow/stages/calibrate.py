@@ -45,7 +45,7 @@ from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.hessian import HessianSum
-from gptqflow.gptq.numerics import all_finite
+from gptqflow.gptq.numerics import count_nonfinite
 from gptqflow.modeling.structure import decoder_layers, target_linears
 
 
@@ -228,7 +228,7 @@ class CalibrateStage(Stage):
         hidden_out = out[0] if isinstance(out, tuple) else out
         # Inputs are checked through the group Hessians (solve); this catches NaN/Inf that
         # first appear after the layer's last Linear (e.g. the final residual add).
-        if not all_finite(hidden_out) and (bad := int((~torch.isfinite(hidden_out)).sum())):
+        if bad := count_nonfinite(hidden_out):
             raise GptqflowError(
                 f"layer {index} ({prefix}): its outputs have {bad} NaN/Inf values (rank "
                 f"{ctx.rank}'s calibration samples); check the model's weights and dtype"

@@ -46,7 +46,7 @@ from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.registry import Stage, StageConfig, register_stage
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.cholesky import LOCAL, PanelExchange
-from gptqflow.gptq.numerics import all_finite
+from gptqflow.gptq.numerics import count_nonfinite
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
@@ -131,11 +131,6 @@ class SolveStage(Stage):
         return reason
 
 
-def _nonfinite(t: torch.Tensor) -> int:
-    """How many entries of ``t`` are NaN or +-Inf (counted only when there are any)."""
-    return 0 if all_finite(t) else int((~torch.isfinite(t)).sum())
-
-
 def check_finite_inputs(step: GroupStep) -> None:
     """Stop at the first layer whose Hessian or float weights hold NaN/Inf.
 
@@ -147,7 +142,7 @@ def check_finite_inputs(step: GroupStep) -> None:
     """
     where = f"layer {step.layer_index}"
     h = step.full_hessian
-    if h is not None and (bad := _nonfinite(h)):
+    if h is not None and (bad := count_nonfinite(h)):
         raise GptqflowError(
             f"{where}, {', '.join(step.names)}: the Hessian has {bad} NaN/Inf entries of "
             f"{h.numel()}: the activations entering these modules are not finite, or so large "
@@ -155,7 +150,7 @@ def check_finite_inputs(step: GroupStep) -> None:
             "model.dtype=float32 if float16 overflows)"
         )
     for name, mod in zip(step.names, step.modules):
-        if bad := _nonfinite(mod.weight):
+        if bad := count_nonfinite(mod.weight):
             raise GptqflowError(
                 f"{where}, {name}: the float weights have {bad} NaN/Inf values of "
                 f"{mod.weight.numel()}; the model checkpoint is damaged or overflowed its dtype"
