@@ -1,6 +1,6 @@
 """Quality and speed of GPTQ vs round-to-nearest on SmolLM2-135M (float32), with a flop floor.
 
-Why: the issue's benchmark asks for perplexity of the float model, RTN and GPTQ at
+Why: the benchmark reports perplexity of the float model, RTN and GPTQ at
 W4A16 and W3A16 (group 64), the wall seconds of every stage, the end-to-end
 quantization time and peak RSS, compared with a reference implementation and with
 the floating-point work the quantization cannot avoid. The runs go through the
@@ -41,8 +41,8 @@ import torch
 from flops import MatmulRate, count_flops, layer_shape, measure_matmul_rate
 
 GROUP_SIZE = 64
-# The issue's reference points (another widely used GPTQ implementation, same
-# model, data, scheme, calibration size, on the 2-core machine) and targets.
+# Reference points (another widely used GPTQ implementation, same model, data,
+# scheme, calibration size, on the 2-core machine) and the targets the report checks.
 REFERENCE = {
     "float32": 26.37,
     "RTN W4A16 g64": 36.77,
@@ -407,7 +407,7 @@ def reference_block() -> str:
 
 
 def verdict(rows: list[Row], a: argparse.Namespace) -> str:
-    """GPTQ W4 against the issue's targets, and GPTQ vs RTN at each width."""
+    """GPTQ W4 against the targets, and GPTQ vs RTN at each width."""
     by = {r.slug: r for r in rows}
     lines = []
     w4 = by["gptq-w4"]
