@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 RUN_HELP = """\
 usage: gptqflow run [--config-name NAME] [--config-dir DIR] [-m] [OVERRIDES...]

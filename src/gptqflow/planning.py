@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.plan import (
     GroupPrediction,

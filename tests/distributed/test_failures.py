@@ -22,7 +22,7 @@ def _rank(
 
     torch.set_num_threads(1)
     from gptqflow.framework.api import execute
-    from gptqflow.framework.errors import GptqflowError
+    from gptqflow.errors import GptqflowError
     from gptqflow.framework.launcher import run_rank
     from gptqflow.stages.solve import SolveStage
 

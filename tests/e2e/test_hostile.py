@@ -445,7 +445,7 @@ def test_non_finite_layer_outputs_are_named(model: Path, tmp_path: Path) -> None
     """NaN that no Hessian sees (an unquantized down_proj of the last layer) is caught at
     the layer's output."""
     from gptqflow.framework.api import execute
-    from gptqflow.framework.errors import GptqflowError
+    from gptqflow.errors import GptqflowError
 
     _edit_weight(model, "model.layers.1.mlp.down_proj.weight", (0, 0), float("nan"))
     out = tmp_path / "out"

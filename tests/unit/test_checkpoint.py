@@ -17,7 +17,7 @@ from compressed_tensors.compressors import pack_to_int32
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
 import gptqflow.modeling.checkpoint as ckpt
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.gptq.quantizer import dequantize, rtn_quantize
 from gptqflow.gptq.types import QuantArgs, QuantResult
 from gptqflow.modeling.checkpoint import read_quantized_codes, write_compressed_checkpoint

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.preflight import output_dir_problem
 from gptqflow.modeling.modeldir import (
     check_architecture,

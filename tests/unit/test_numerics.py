@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.runner import format_summary, merge_fallbacks
 from gptqflow.framework.state import GroupStep, PipelineState
 from gptqflow.gptq.hessian import HessianSum

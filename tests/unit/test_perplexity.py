@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.modeling.perplexity import eval_windows, perplexity
 
 SEQ = 32

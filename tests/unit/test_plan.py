@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.plan import (
     GroupShape,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.modeling import prepare
 from gptqflow.modeling.prepare import (
     PROVENANCE_FILE,

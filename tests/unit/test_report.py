@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from gptqflow.cli import main
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.report import NO_REPORT, collect, find_runs, to_csv, write_report
 
 

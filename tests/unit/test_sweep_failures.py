@@ -10,7 +10,7 @@ import pytest
 
 from gptqflow.cli import main
 from gptqflow.framework import launcher
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 
 def _sweep(tmp_path: Path, *extra: str) -> list[str]:

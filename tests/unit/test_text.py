@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.modeling.text import (
     _seeded_sample,
     calibration_samples,

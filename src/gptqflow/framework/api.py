@@ -7,9 +7,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.compose import compose_recipe, register_resolvers, to_plain
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.preflight import preflight
 from gptqflow.framework.runner import Runner
 from gptqflow.framework.schema import Recipe, validate_recipe

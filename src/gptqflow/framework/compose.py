@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 DEFAULT_RECIPE = "gptq_w4a16"
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 
 class Handle(Protocol):

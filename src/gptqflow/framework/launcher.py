@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.compose import DEFAULT_RECIPE, recipes_dir, register_resolvers, to_plain
-from gptqflow.framework.errors import GptqflowError
 
 log = logging.getLogger("gptqflow")
 

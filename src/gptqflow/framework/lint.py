@@ -27,8 +27,8 @@ import yaml
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ValidationError
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.compose import register_resolvers, to_plain
-from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.preflight import model_problems
 from gptqflow.framework.schema import (
     DatasetGroup,

@@ -11,10 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TextIO
-
-if TYPE_CHECKING:
-    from gptqflow.framework.schema import Recipe
+from typing import Any, TextIO
 
 
 def progress_enabled(requested: bool, is_main: bool, stream: TextIO | None = None) -> bool:
@@ -31,17 +28,6 @@ def progress_enabled(requested: bool, is_main: bool, stream: TextIO | None = Non
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):  # no isatty, or a closed file
         return False
-
-
-def calibration_tokens(recipe: Recipe) -> int:
-    """Tokens every layer is calibrated on, all ranks together: the partition's samples x length.
-
-    A pure function of the recipe, so rank 0 knows it without a collective.
-    """
-    for s in recipe.stages:
-        if s.stage == "partition":
-            return int(getattr(s, "num_samples")) * int(getattr(s, "seq_len"))  # noqa: B009
-    return 0
 
 
 def format_tokens(n: float) -> str:

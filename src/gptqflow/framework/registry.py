@@ -1,54 +1,30 @@
-"""Stage plugins: a pydantic config type mapped to its implementation, registered by name.
+"""Stage plugins: a config type mapped to its implementation, found through entry points.
 
-A stage is registered with :func:`register_stage` on its config class. The recipe
-schema builds one discriminated union over every registered config (discriminator:
-the ``stage`` field), so a recipe error names the exact stage and field. The
-registry is the only mutable module-level state in gptqflow.
+Every stage, built-in or not, is an entry of the ``gptqflow.stages`` entry-point group
+(``pyproject.toml``: ``[project.entry-points."gptqflow.stages"]``) whose value is the
+stage's config class, e.g. ``solve = "gptqflow.stages.solve:SolveConfig"``. Loading the
+entry imports the stage's module, whose :func:`register_stage` decorator records the
+pair. So an installed package adds a stage without any edit here, and this module never
+imports the stages package. A plugin that fails to import is an error naming the entry
+point, never silently skipped.
+
+The registry is the only mutable module-level state in gptqflow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from gptqflow.errors import GptqflowError
+from gptqflow.framework.stage import Stage, StageConfig
 
 if TYPE_CHECKING:
-    from gptqflow.framework.distributed import DistContext
-    from gptqflow.framework.state import GroupStep, PipelineState
+    from gptqflow.framework.schema import Recipe
 
-
-class StageConfig(BaseModel):
-    """Base of every stage config: frozen, unknown keys rejected, described fields."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    stage: str
-    id: str | None = Field(
-        None,
-        description="Key of this entry in report.json; null = the stage name (name#2, name#3 "
-        "when repeated).",
-    )
-
-    # The phase tells the runner where the stage runs: once for the whole model, or
-    # inside the per-layer loop (once per group of modules that share an input).
-    phase: ClassVar[str] = "model"
-
-
-class Stage:
-    """A stage implementation: built from its frozen config, run by the runner."""
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def run(self, state: PipelineState, ctx: DistContext) -> None:
-        """Run once over the whole pipeline state (``phase = "model"`` stages)."""
-        raise NotImplementedError(f"{type(self).__name__} is a per-layer stage")
-
-    def run_step(self, state: PipelineState, step: GroupStep, ctx: DistContext) -> None:
-        """Run on one group of modules of the current layer (``phase = "layer"`` stages)."""
-        raise NotImplementedError(f"{type(self).__name__} is a whole-model stage")
+ENTRY_POINT_GROUP = "gptqflow.stages"
 
 
 @dataclass(frozen=True)
@@ -56,10 +32,15 @@ class StageSpec:
     name: str
     config_cls: type[StageConfig]
     impl_cls: type[Stage]
-    phase: str
+    source: str  # the distribution that provides it ("gptqflow" for built-ins)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.impl_cls.is_layer_stage()
 
 
 _REGISTRY: dict[str, StageSpec] = {}
+_loaded = False
 
 
 def register_stage(
@@ -69,19 +50,47 @@ def register_stage(
 
     def deco(cls: type[StageConfig]) -> type[StageConfig]:
         if name in _REGISTRY and _REGISTRY[name].config_cls is not cls:
-            raise RuntimeError(f"stage {name!r} registered twice")
-        _REGISTRY[name] = StageSpec(name, cls, impl, cls.phase)
+            raise GptqflowError(
+                f"stage {name!r} is registered twice: by {_REGISTRY[name].config_cls.__module__} "
+                f"and by {cls.__module__}; uninstall one of the packages"
+            )
+        _REGISTRY[name] = StageSpec(name, cls, impl, cls.__module__.split(".")[0])
         return cls
 
     return deco
 
 
-def registered() -> dict[str, StageSpec]:
-    """Every registered stage by name (imports the built-in stages first)."""
-    import gptqflow.stages  # noqa: F401  (registers the built-in stages)
+def _load_entry_points() -> None:
+    """Import every ``gptqflow.stages`` entry point once; a broken plugin is an error."""
+    global _loaded
+    if _loaded:
+        return
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        where = f"entry point {ep.name} = {ep.value!r}"
+        dist = getattr(ep, "dist", None)
+        if dist is not None:
+            where += f" (package {dist.name})"
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise GptqflowError(
+                f"cannot load the stage plugin {where}: {type(exc).__name__}: {exc}; fix or "
+                "uninstall that package"
+            ) from exc
+        spec = _REGISTRY.get(ep.name)
+        if spec is None or spec.config_cls is not obj:
+            raise GptqflowError(
+                f"stage plugin {where} does not name a config class registered as {ep.name!r} "
+                f"with @register_stage({ep.name!r}, ...)"
+            )
+    _loaded = True
 
+
+def registered() -> dict[str, StageSpec]:
+    """Every registered stage by name (built-in and plugin entry points loaded first)."""
+    _load_entry_points()
     return dict(_REGISTRY)
 
 
-def build_stage(config: StageConfig) -> Stage:
-    return registered()[config.stage].impl_cls(config)
+def build_stage(config: StageConfig, recipe: Recipe) -> Stage:
+    return registered()[config.stage].impl_cls(config, recipe)

@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
+from gptqflow.fileio import write_atomic
 
 NO_REPORT = "no report.json: killed or still running"
 
@@ -416,12 +417,6 @@ def _save(fig: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(root: Path, output: Path | None = None, *, plots: bool = True) -> Written:
     """Collect the runs under ``root``; write ``output`` (Markdown), its CSV and PNG plots.
 
@@ -442,6 +437,6 @@ def write_report(root: Path, output: Path | None = None, *, plots: bool = True) 
         if plot_stage_times(report, times):
             written.append(times)
     csv_path = md.with_suffix(".csv")
-    _write_atomic(csv_path, to_csv(report))
-    _write_atomic(md, to_markdown(report, written))
+    write_atomic(csv_path, to_csv(report))
+    write_atomic(md, to_markdown(report, written))
     return Written(markdown=md, csv=csv_path, plots=written)

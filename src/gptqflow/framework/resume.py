@@ -9,11 +9,13 @@ The directory is deleted once the run has finished (checkpoint saved).
 
 A point after ``b`` layers consists of:
 
-* ``quantized-<a>-<b>.pt`` (rank 0): codes, scales, zero points, g_idx, loss and damp
-  of every module of layers ``[a, b)``. Points are incremental: each one adds the
-  layers since the previous one. After a broadcast every rank holds every module, so
-  rank 0 alone writes them; on resume every rank reinstalls the dequantized weights
-  from the codes with the function broadcast uses, so the weights are bit-identical.
+* ``layers-<a>-<b>.pt`` (rank 0): for every layer of ``[a, b)``, what each layer stage
+  declared it changed there (``Stage.save_layer``, by stage id): the codes, scales and
+  zero points of the quantized modules, a smoothing stage's norm scales, ... Points are
+  incremental: each one adds the layers since the previous one. What a stage installs
+  in the model is the same on every rank, so rank 0 alone writes it; on resume every
+  rank hands each layer's pieces back to the same stages (``Stage.restore_layer``), in
+  layer order, so the weights are bit-identical.
 * ``hidden-<b>-rank<r>.pt`` (every rank, for its own samples): the inputs of layer
   ``b`` (the outputs of the quantized layer ``b-1``), the token count so far and the
   RNG state. Later layers read nothing else from earlier ones, so no earlier layer is
@@ -22,7 +24,8 @@ A point after ``b`` layers consists of:
 * ``manifest.json`` (rank 0, written last, once every rank has written its files):
   the recipe as validated (minus the settings that cannot change the result), its
   hash, the world size, the layers done, the files with their sizes, the per-layer
-  reports and the baseline perplexity (so the baseline evaluation is not repeated).
+  reports and the results of whole-model stages before the loop that can be reused
+  (``Stage.save_result``: the baseline perplexity, so it is not evaluated again).
 
 A point exists only once its manifest names it: files of a point whose manifest was
 never written (a crash while writing it) are ignored and removed by the next write.
@@ -36,27 +39,26 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gptqflow.errors import GptqflowError
+from gptqflow.fileio import write_atomic
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
 from gptqflow.framework.schema import Recipe
-from gptqflow.framework.state import PipelineState
-from gptqflow.gptq.quantizer import column_groups, dequantize
-from gptqflow.gptq.types import QuantArgs, QuantResult
+from gptqflow.framework.stage import Stage
+from gptqflow.framework.state import LayerRun, PipelineState
 
 log = logging.getLogger("gptqflow")
 
 RESUME_DIR = "resume"
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2
 # Auto (checkpoint_every: null): at most ~8 points per run, none for models this small.
 AUTO_MIN_LAYERS = 5
 AUTO_POINTS = 8
@@ -64,6 +66,10 @@ AUTO_POINTS = 8
 # (The world size is compared on its own, with its own message.)
 _NEUTRAL_TOP = ("output_dir", "overwrite")
 _NEUTRAL_RUNTIME = ("resume", "checkpoint_every", "progress", "timeout_s", "nproc_per_node")
+
+
+#: Hands a finished layer's saved pieces (by stage id) back to its stages.
+RestoreLayer = Callable[[PipelineState, int, dict[str, Any]], None]
 
 
 class ResumeError(GptqflowError):
@@ -92,9 +98,6 @@ def comparable_recipe(recipe: Recipe) -> dict[str, Any]:
         data.pop(key, None)
     for key in _NEUTRAL_RUNTIME:
         data["runtime"].pop(key, None)
-    for stage in data["stages"]:
-        if stage.get("stage") == "save":
-            stage.pop("overwrite", None)
     return data
 
 
@@ -131,44 +134,19 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 
 # ---------------------------------------------------------------------- files
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: without it a power loss can forget the new name."""
+def _write(path: Path, content: str | bytes | Any) -> int:
+    """:func:`~gptqflow.fileio.write_atomic`, with a failure put in words."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Any) -> int:
-    """Call ``write(file)`` on a temporary file, fsync, rename to ``path``; return its size."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return write_atomic(path, content)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ResumeError(
             f"cannot write the resume point file {path}: {exc}; free space there, or turn "
             "resume points off with runtime.checkpoint_every=0"
         ) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path.stat().st_size
 
 
 def _save_tensors(path: Path, obj: Any) -> int:
-    return _write_atomic(path, lambda f: torch.save(obj, f))
+    return _write(path, lambda f: torch.save(obj, f))
 
 
 def _load_tensors(path: Path, size: int) -> Any:
@@ -191,9 +169,10 @@ class ResumePoints:
     """Writes resume points during the layer loop and restores the newest one.
 
     The runner calls :meth:`open` before any stage (validates, or refuses, a point
-    found in ``output_dir``), :meth:`replaces` for each stage before the layer loop,
-    :meth:`restore` once the loop has captured the first layer's inputs,
-    :meth:`after_layer` after every layer, and :meth:`finish` after a successful run.
+    found in ``output_dir``), :meth:`restores` for each whole-model stage before the
+    layer loop (and :meth:`record_result` after those that ran), the loop calls
+    :meth:`restore` once it has captured the first layer's inputs and
+    :meth:`after_layer` after every layer, and :meth:`finish` follows a successful run.
     With ``checkpoint_every=0`` and ``resume=false`` each of these is a cheap no-op.
     """
 
@@ -207,8 +186,10 @@ class ResumePoints:
         self.every = 0
         self.done = 0  # layers covered by the newest point
         self.resumed_after: int | None = None  # layers done in the point this run resumed
-        self.saved: set[str] = set()  # modules already in a quantized-*.pt file
-        self.quantized_files: list[dict[str, Any]] = []  # rank 0: the files holding them
+        self.layer_files: list[dict[str, Any]] = []  # rank 0: the files of finished layers
+        # rank 0: finished layers since the last point -> {stage id: what it saved}
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.results: dict[str, Any] = {}  # whole-model stages' reusable results
         self.loop_started = False
         self.write_seconds = 0.0
 
@@ -261,7 +242,7 @@ class ResumePoints:
             self._validate(found)
             self.manifest = found
             self.done = self.resumed_after = int(found["layers_done"])
-            self.quantized_files = list(found["quantized"])
+            self.layer_files = list(found["layers"])
             log.info(
                 "resuming from %s: %d of %d layers done",
                 self.dir,
@@ -280,74 +261,95 @@ class ResumePoints:
         if self.manifest is None and self.ctx.is_main and self.dir.exists():
             shutil.rmtree(self.dir)
 
-    def replaces(self, stage: str, state: PipelineState) -> bool:
-        """Whether a stage before the layer loop is replaced by the point's saved results.
+    def record_result(self, sid: str, stage: Stage, state: PipelineState) -> None:
+        """Keep a whole-model stage's reusable result (before the loop) for the next point."""
+        if not self.loop_started and (saved := stage.save_result(state)) is not None:
+            self.results[sid] = saved
 
-        Only the baseline ``evaluate`` is: its perplexity is in the manifest, and
-        load/partition must run again to rebuild the model and the samples.
+    def restores(self, sid: str, stage: Stage, state: PipelineState) -> bool:
+        """Whether a whole-model stage before the layer loop is replaced by its saved result.
+
+        Only stages that return a result from ``save_result`` (e.g. the baseline
+        evaluation) can be; the others (loading the model, the samples) run again.
         """
-        if self.manifest is None or self.loop_started or stage != "evaluate":
+        if self.manifest is None or self.loop_started or sid not in self.manifest["results"]:
             return False
-        state.perplexity.update(self.manifest["perplexity"])
+        saved = self.manifest["results"][sid]
+        stage.restore_result(state, saved)
+        self.results[sid] = saved
         return True
 
     # -------------------------------------------------------------- restore
-    def restore(self, state: PipelineState, n_layers: int) -> int:
-        """Reinstall the point's quantized layers and this rank's inputs; return the next layer."""
+    def restore(
+        self, state: PipelineState, n_layers: int, restore_layer: RestoreLayer
+    ) -> tuple[int, torch.Tensor | None]:
+        """Reapply the point's finished layers; return the next layer and this rank's inputs.
+
+        ``restore_layer(state, index, saved)`` hands each finished layer's saved pieces
+        (by stage id) back to the stages that wrote them, in layer order.
+        """
         self.loop_started = True
         self.every = checkpoint_interval(self.recipe.runtime.checkpoint_every, n_layers)
         m = self.manifest
         if m is None:
-            return 0
+            return 0, None
         if m["num_layers"] != n_layers:
             raise ResumeError(
                 f"cannot resume from {self.dir}: it covers a model of {m['num_layers']} layers, "
                 f"this one has {n_layers}; pass overwrite=true to start over"
             )
-        args = QuantArgs(**m["quant_args"])
-        state.quant_args = args
-        for entry in m["quantized"]:
+        for entry in m["layers"]:
             saved = _load_tensors(self.dir / entry["file"], entry["bytes"])
-            for name, parts in saved.items():
-                state.quantized[name] = _reinstall(state.model, name, parts, args)
-                self.saved.add(name)
+            for index in sorted(saved):
+                restore_layer(state, index, saved[index])
         mine_entry = m["ranks"][self.ctx.rank]
         state.fallbacks[:] = mine_entry["fallbacks"]
-        if self.done < n_layers:
+        state.layer_reports[:] = m["layer_reports"]
+        hidden = None
+        if self.done < n_layers and mine_entry["hidden"] is not None:
             entry = mine_entry["hidden"]
             mine = _load_tensors(self.dir / entry["file"], entry["bytes"])
-            state.extra["hidden"] = mine["hidden"].to(self.ctx.device)
-            state.extra["tokens_calibrated"] = int(mine["tokens"])
+            hidden = mine["hidden"]
+            state.tokens_calibrated = int(mine["tokens"])
             torch.set_rng_state(mine["rng"])
-        state.layer_reports[:] = m["layer_reports"]
-        return self.done
+        return self.done, hidden
 
     # -------------------------------------------------------------- write
-    def after_layer(self, state: PipelineState, done: int, n_layers: int) -> None:
-        """Write a point when ``done`` layers are a multiple of K, and after the last layer."""
-        if not self.every or (done % self.every and done != n_layers):
+    def after_layer(
+        self,
+        state: PipelineState,
+        layer: LayerRun,
+        stages: Sequence[tuple[str, Stage]],
+        n_layers: int,
+    ) -> None:
+        """Keep what the stages changed in ``layer``; write a point every K layers and at the end."""
+        if not self.every:
             return
         start = time.perf_counter()
+        saved = {sid: got for sid, stage in stages if (got := stage.save_layer(layer)) is not None}
+        if self.ctx.is_main:
+            self.pending[layer.index] = saved
+        done = layer.index + 1
+        if done % self.every and done != n_layers:
+            self.write_seconds += time.perf_counter() - start
+            return
         ctx = self.ctx
         self.dir.mkdir(parents=True, exist_ok=True)
-        new = [n for n in state.quantized if n not in self.saved]
-        quantized = list(self.quantized_files)
-        if ctx.is_main and new:
-            name = f"quantized-{self.done:05d}-{done:05d}.pt"
-            size = _save_tensors(self.dir / name, {n: _parts(state.quantized[n]) for n in new})
-            quantized.append({"file": name, "bytes": size})
+        files = list(self.layer_files)
+        if ctx.is_main and self.pending:
+            name = f"layers-{self.done:05d}-{done:05d}.pt"
+            files.append({"file": name, "bytes": _save_tensors(self.dir / name, self.pending)})
         mine: dict[str, Any] = {"hidden": None, "fallbacks": state.fallbacks}
-        if done < n_layers:
+        if done < n_layers and layer.outputs is not None:
             name = f"hidden-{done:05d}-rank{ctx.rank:05d}.pt"
             payload = {
-                "hidden": state.extra["hidden"].cpu(),
-                "tokens": state.extra["tokens_calibrated"],
+                "hidden": layer.outputs.cpu(),
+                "tokens": state.tokens_calibrated,
                 "rng": torch.get_rng_state(),
             }
             mine["hidden"] = {"file": name, "bytes": _save_tensors(self.dir / name, payload)}
         ranks = ctx.gather_objects(mine)  # also the barrier: every rank's file is on disk
         if ctx.is_main:
-            assert state.quant_args is not None
             manifest = {
                 "format": FORMAT,
                 "recipe_hash": self.hash,
@@ -355,26 +357,25 @@ class ResumePoints:
                 "world_size": ctx.world_size,
                 "layers_done": done,
                 "num_layers": n_layers,
-                "quantized": quantized,
+                "layers": files,
                 "ranks": ranks,  # per rank: its inputs file and its solve fallbacks
-                "quant_args": asdict(state.quant_args),
-                "perplexity": dict(state.perplexity),
+                "results": self.results,  # whole-model stages' reusable results, by stage id
                 "layer_reports": state.layer_reports,
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             text = json.dumps(manifest, indent=1) + "\n"
-            _write_atomic(self.dir / MANIFEST, lambda f: f.write(text.encode()))
+            _write(self.dir / MANIFEST, text)
             self._remove_unlisted(manifest)
             log.info("resume point: %d of %d layers in %s", done, n_layers, self.dir)
-        self.quantized_files = quantized
-        self.saved.update(new)
+        self.layer_files = files
+        self.pending = {}
         self.done = done
         self.write_seconds += time.perf_counter() - start
 
     def _remove_unlisted(self, manifest: dict[str, Any]) -> None:
         """Drop the previous point's inputs and the files of any point never completed."""
         hidden = [r["hidden"] for r in manifest["ranks"] if r["hidden"] is not None]
-        keep = {MANIFEST} | {e["file"] for e in manifest["quantized"] + hidden}
+        keep = {MANIFEST} | {e["file"] for e in manifest["layers"] + hidden}
         for path in self.dir.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)
@@ -383,34 +384,3 @@ class ResumePoints:
         """After a successful run: the points are no longer needed (rank 0 deletes them)."""
         if self.ctx.is_main and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _parts(r: QuantResult) -> dict[str, Any]:
-    """What save needs of a module, and what reinstalls its weights (not the dense copy)."""
-    return {
-        "qweight": r.qweight,
-        "scale": r.scale,
-        "zero_point": r.zero_point,
-        "g_idx": r.g_idx,
-        "loss": r.loss,
-        "damp": r.damp,
-    }
-
-
-def _reinstall(model: Any, name: str, parts: dict[str, Any], args: QuantArgs) -> QuantResult:
-    """Install a saved module's dequantized weights exactly as the broadcast stage did."""
-    module = model.get_submodule(name)
-    weight = module.weight
-    groups = column_groups(weight.shape[1], args.group_size, parts["g_idx"])
-    scale, zp = parts["scale"], parts["zero_point"]
-    deq = dequantize(parts["qweight"], scale[:, groups], zp[:, groups]).to(weight.dtype)
-    weight.data.copy_(deq.to(weight.device))
-    return QuantResult(
-        qweight=parts["qweight"],
-        scale=scale,
-        zero_point=zp,
-        g_idx=parts["g_idx"],
-        dequant=weight.data,
-        loss=float(parts["loss"]),
-        damp=float(parts["damp"]),
-    )

@@ -1,121 +1,40 @@
 """The runner: executes a validated recipe's stages over one pipeline state, on one rank.
 
-Whole-model stages run once, in order. The per-layer stages (calibrate ->
-hessian-reduce -> solve -> broadcast) form one loop: calibrate drives the layers
-and, inside each layer, hands every group of modules that share an input to the
-other three in turn. The runner times every stage (wall seconds and peak RSS),
+Whole-model stages run once, in order. Each run of consecutive layer stages (stages
+with per-layer hooks, see :mod:`gptqflow.framework.stage`) is handed to one
+:class:`~gptqflow.framework.layerloop.LayerLoop`, which calls their hooks for every
+decoder layer. The runner knows no stage by name. It times every stage (wall seconds and peak RSS),
 gathers every rank's numbers into rank 0's ``report.json``, and writes
 ``recipe.yaml`` before any heavy work so a failed run can still be reproduced.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
-import math
-import os
-import resource
-import sys
 import time
 import traceback
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from gptqflow.errors import GptqflowError
+from gptqflow.fileio import write_atomic
 from gptqflow.framework.affinity import apply_cpu_affinity
+from gptqflow.framework.clock import StageClock, peak_rss
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.framework.layerloop import LayerLoop
 from gptqflow.framework.logs import configure_logging
-from gptqflow.framework.progress import LayerProgress, calibration_tokens, progress_enabled
-from gptqflow.framework.registry import Stage, build_stage
+from gptqflow.framework.progress import progress_enabled
+from gptqflow.framework.registry import build_stage
 from gptqflow.framework.resume import ResumePoints
-from gptqflow.framework.schema import LAYER_LOOP, Recipe
-from gptqflow.framework.state import GroupStep, PipelineState
+from gptqflow.framework.schema import Recipe
+from gptqflow.framework.state import PipelineState
 
 log = logging.getLogger("gptqflow")
-
-
-# ---------------------------------------------------------------------- measuring
-def _read_hwm() -> int | None:
-    """Peak resident set size since the last reset, in bytes (Linux ``VmHWM``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> None:
-    """Reset the kernel's peak-RSS mark so the next reading covers one stage only."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    hwm = _read_hwm()
-    if hwm is not None:
-        return hwm
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-class StageClock:
-    """Accumulates wall seconds and peak RSS per stage id."""
-
-    def __init__(self) -> None:
-        self.stats: dict[str, dict[str, float | int]] = {}
-
-    def add(self, key: str, seconds: float, rss: int) -> None:
-        s = self.stats.setdefault(key, {"seconds": 0.0, "peak_rss_bytes": 0})
-        s["seconds"] = float(s["seconds"]) + seconds
-        s["peak_rss_bytes"] = max(int(s["peak_rss_bytes"]), rss)
-
-    @contextmanager
-    def measure(self, key: str) -> Iterator[None]:
-        _reset_hwm()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(key, time.perf_counter() - start, peak_rss())
-
-
-def _imbalance(seconds: list[float]) -> float:
-    """max / mean over the ranks (1.0 when nobody spent any time)."""
-    mean = sum(seconds) / len(seconds)
-    return (max(seconds) / mean) if mean > 0 else 1.0
-
-
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Keep Python's cyclic garbage collector off the objects that live through the loop.
-
-    A loaded model, transformers, Hydra and torch hold ~400k Python objects; a full
-    collection walks all of them (0.1-0.3 s on this project's CPU), and the layer loop
-    allocates enough small objects (tensor views, per-column temporaries) to trigger
-    one every so often, at a different moment on each rank. On a 0.2 s layer solve
-    that single stall is a 1.5x load imbalance, and the other ranks wait for it at the
-    next collective. ``gc.freeze`` moves everything alive now into a permanent
-    generation that collections skip; garbage made inside the loop is still
-    collected. One collection first, so no garbage is frozen; unfrozen afterwards.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------- the runner
@@ -126,8 +45,8 @@ class Runner:
         self.recipe = recipe
         self.resolved = resolved
         self.ctx = ctx
-        self.ids = recipe.stage_ids()
-        self.stages = [build_stage(c) for c in recipe.stages]
+        self.ids = [c.id for c in recipe.stages]
+        self.stages = [build_stage(c, recipe) for c in recipe.stages]
         self.clock = StageClock()
         self.output_dir = Path(recipe.output_dir)
         self.resume = ResumePoints(self.output_dir, recipe, ctx)
@@ -163,7 +82,7 @@ class Runner:
             torch.set_num_threads(len(cores))  # no more threads than the cores it may use
         torch.manual_seed(self.recipe.seed)
         state = self.state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
-        state.extra["progress"] = progress_enabled(rt.progress, ctx.is_main)
+        state.progress = progress_enabled(rt.progress, ctx.is_main)
         start = time.perf_counter()
         error: BaseException | None = None
         try:
@@ -189,122 +108,27 @@ class Runner:
         return report
 
     def _run_stages(self, state: PipelineState) -> None:
+        """Whole-model stages one by one; each run of consecutive layer stages as one loop."""
         i = 0
         while i < len(self.stages):
-            if self.recipe.stages[i].stage == "calibrate":
-                n = len(LAYER_LOOP)
-                self._run_layer_loop(state, self.stages[i : i + n], self.ids[i : i + n])
-                i += n
+            if self.stages[i].is_layer_stage():
+                j = i
+                while j < len(self.stages) and self.stages[j].is_layer_stage():
+                    j += 1
+                loop = list(zip(self.ids[i:j], self.stages[i:j]))
+                log.info("layer loop: %s", " -> ".join(self.ids[i:j]))
+                LayerLoop(loop, self.ctx, self.clock, self.resume).run(state)
+                i = j
                 continue
-            if self.resume.replaces(self.recipe.stages[i].stage, state):
-                log.info("stage %s: result restored from the resume point", self.ids[i])
-                i += 1
-                continue
-            log.info("stage %s", self.ids[i])
-            with self.clock.measure(self.ids[i]):
-                self.stages[i].run(state, self.ctx)
+            sid, stage = self.ids[i], self.stages[i]
+            if self.resume.restores(sid, stage, state):
+                log.info("stage %s: result restored from the resume point", sid)
+            else:
+                log.info("stage %s", sid)
+                with self.clock.measure(sid):
+                    stage.run(state, self.ctx)
+                self.resume.record_result(sid, stage, state)
             i += 1
-
-    def _run_layer_loop(self, state: PipelineState, stages: list[Stage], ids: list[str]) -> None:
-        """calibrate drives the layers; every group goes through the other loop stages."""
-        with frozen_heap():
-            self._layer_loop(state, stages, ids)
-
-    def _layer_loop(self, state: PipelineState, stages: list[Stage], ids: list[str]) -> None:
-        calibrate, rest = stages[0], list(zip(ids[1:], stages[1:]))
-        with self.clock.measure(ids[0]):
-            calibrate.run(state, self.ctx)  # captures the first layer's inputs
-        n_layers = calibrate.layer_count(state)  # type: ignore[attr-defined]
-        first = self.resume.restore(state, n_layers)  # 0 unless resuming
-        _reset_hwm()
-        # Per-layer totals of the current layer: seconds inside the group stages,
-        # this rank's solve seconds, and the summed GPTQ loss.
-        in_groups = solve_s = solve_cpu = loss = 0.0
-        groups = 0
-        shared: list[str] = []  # groups whose factorisation every rank shared
-
-        def on_group(step: GroupStep) -> None:
-            nonlocal in_groups, solve_s, solve_cpu, loss, groups
-            groups += 1
-            t0 = time.perf_counter()
-            for sid, stage in rest:
-                t = time.perf_counter()
-                stage.run_step(state, step, self.ctx)
-                self.clock.add(sid, time.perf_counter() - t, 0)
-            in_groups += time.perf_counter() - t0
-            solve_s += step.solve_seconds.get(self.ctx.rank, 0.0)
-            solve_cpu += step.solve_cpu_seconds.get(self.ctx.rank, 0.0)
-            loss += sum(state.quantized[n].loss for n in step.names)
-            if step.shared_factor:
-                shared.append("+".join(n.rsplit(".", 1)[-1] for n in step.names))
-
-        tokens = calibration_tokens(self.recipe)
-        bar = LayerProgress(range(first, n_layers), n_layers, state.extra["progress"], tokens)
-        for index in bar:
-            in_groups = solve_s = solve_cpu = loss = 0.0
-            groups = 0
-            shared.clear()
-            t = time.perf_counter()
-            calibrate.run_layer(state, self.ctx, index, on_group)  # type: ignore[attr-defined]
-            layer_s = time.perf_counter() - t
-            self.clock.add(ids[0], layer_s - in_groups, 0)
-            self._finish_layer(
-                state,
-                index,
-                layer_s,
-                (solve_s, solve_cpu),
-                loss if groups else math.nan,
-                list(shared),
-            )
-            bar.layer_done(layer_s)
-            self.resume.after_layer(state, index + 1, n_layers)
-        if self.resume.write_seconds:
-            self.clock.add("resume-point", self.resume.write_seconds, 0)
-        rss = peak_rss()
-        for sid in ids:
-            self.clock.add(sid, 0.0, rss)
-
-    def _finish_layer(
-        self,
-        state: PipelineState,
-        index: int,
-        seconds: float,
-        solve_s: tuple[float, float],
-        loss: float,
-        shared: list[str],
-    ) -> None:
-        """Gather every rank's solve time for the layer: the load imbalance goes in the report.
-
-        ``imbalance`` is max / mean of the ranks' wall seconds in ``solve``: what the
-        slowest rank makes the others wait. ``busy_imbalance`` is the same ratio of
-        the CPU seconds their processes spent there: the work the plan gave each rank,
-        without the time a rank lost to other processes on its core (with one thread
-        per rank the two differ only by such stalls; with more threads CPU seconds
-        count every thread).
-        """
-        pairs = self.ctx.gather_objects(solve_s)
-        solve, cpu = [p[0] for p in pairs], [p[1] for p in pairs]
-        entry = {
-            "index": index,
-            "seconds": seconds,
-            "solve_seconds": solve,
-            "imbalance": _imbalance(solve),
-            "solve_cpu_seconds": cpu,
-            "busy_imbalance": _imbalance(cpu),
-            # GPTQ objective summed over the layer's modules; None unless solve.report_loss.
-            "loss": None if math.isnan(loss) else loss,
-            # Groups whose factorisation every rank shared (see gptqflow.gptq.plan).
-            "shared_factor": shared,
-        }
-        state.layer_reports.append(entry)
-        log.info(
-            "layer %d done (%d/%d) in %.2fs (imbalance %.3f)",
-            index,
-            index + 1,
-            len(state.layers),
-            seconds,
-            entry["imbalance"],
-        )
 
     # -------------------------------------------------------------- report
     def _report(
@@ -321,11 +145,7 @@ class Runner:
             "cpu_cores": self.cpu_cores,
         }
         # Calibration tokens of this rank (its samples x seq_len) once a layer used them.
-        mine["tokens_calibrated"] = (
-            int(state.samples.numel())
-            if state.samples is not None and state.extra.get("tokens_calibrated")
-            else 0
-        )
+        mine["tokens_calibrated"] = state.tokens_calibrated
         try:
             ranks = self.ctx.gather_objects(mine) if error is None else [mine]
         except Exception:  # a peer is gone: report what this rank knows
@@ -400,13 +220,10 @@ def _recipe_yaml(resolved: dict[str, Any]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write a run file never half-written; a failure in words."""
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise GptqflowError(
             f"cannot write {path}: {exc.strerror or exc}; free some space or choose another "
             "output_dir"

@@ -15,8 +15,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from gptqflow.framework.errors import GptqflowError
-from gptqflow.framework.registry import StageConfig, registered
+from gptqflow.errors import GptqflowError
+from gptqflow.framework.contracts import check_order
+from gptqflow.framework.registry import registered
+from gptqflow.framework.stage import StageConfig
+from gptqflow.gptq.types import QuantArgs
 
 Bits = Literal[2, 3, 4, 8]
 GroupSize = Literal[-1, 32, 64, 128, 256]
@@ -90,6 +93,27 @@ class SchemeGroup(_Group):
         description="A Hessian that stays non positive-definite after the dampening retries: "
         "error, or round-to-nearest for that module (recorded in report.json).",
     )
+    targets: list[str] = Field(
+        default_factory=lambda: ["re:.*"],
+        description="Linear modules inside the decoder layers to quantize: names, suffixes or "
+        "re:<regex>.",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="Modules kept in full precision (same syntax); listed as such in the "
+        "checkpoint's config.",
+    )
+
+    def quant_args(self, **solver: Any) -> QuantArgs:
+        """The scheme as the quantizer takes it; ``solver`` adds a solve method's own knobs."""
+        return QuantArgs(
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            actorder=self.actorder,
+            observer=self.observer,
+            **solver,
+        )
 
 
 class RuntimeGroup(_Group):
@@ -155,17 +179,10 @@ class Recipe(_Group):
     dataset: DatasetGroup
     scheme: SchemeGroup
     runtime: RuntimeGroup = RuntimeGroup()
-    stages: list[Any] = Field(description="The pipeline, in order.")
-
-    def stage_ids(self) -> list[str]:
-        """Report keys: the stage's ``id`` or its name (``name#2``, ``name#3`` when repeated)."""
-        seen: dict[str, int] = {}
-        out = []
-        for s in self.stages:
-            base = s.id or s.stage
-            seen[base] = seen.get(base, 0) + 1
-            out.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-        return out
+    stages: list[Any] = Field(
+        description="The pipeline, in order: a mapping from stage id to its settings "
+        "(validated into the stage configs, each with its id)."
+    )
 
 
 @dataclass(frozen=True)
@@ -267,101 +284,77 @@ def problems_from_validation(
     for err in exc.errors():
         loc = tuple(err["loc"])
         pre = prefix
-        if pre.startswith("stages[") and loc and isinstance(loc[0], str) and loc[0] in registered():
-            pre, loc = f"{pre}({loc[0]})", loc[1:]
+        if pre.startswith("stages.") and loc and isinstance(loc[0], str) and loc[0] in registered():
+            loc = loc[1:]  # the discriminator's tag: the key already names the entry
         path = _loc_to_path(loc)
         full = f"{pre}.{path}" if pre and path else (pre or path or "<root>")
         out.append(Problem(full, _describe_error(err, _fields_at(err["loc"], model))))
     return out
 
 
-_ORDER_NEEDS = {
-    # stage: stages that must appear before it
-    "partition": ("load",),
-    "calibrate": ("load", "partition"),
-    "hessian-reduce": ("calibrate",),
-    "solve": ("calibrate", "hessian-reduce"),
-    "broadcast": ("solve",),
-    "save": ("solve", "broadcast"),
-    "evaluate": ("load",),
-}
-LAYER_LOOP = ("calibrate", "hessian-reduce", "solve", "broadcast")
+def _stage_entries(stages_raw: Any) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """``stages:`` as (key, entry) pairs in order; entries set to null are left out.
 
-
-def order_problems(names: list[str]) -> list[Problem]:
-    """Pipelines that cannot run: missing prerequisites, duplicates, a broken layer loop."""
-    probs: list[Problem] = []
-    for i, name in enumerate(names):
-        for need in _ORDER_NEEDS.get(name, ()):
-            if need not in names[:i]:
-                where = "after" if need in names[i:] else "without"
-                probs.append(
-                    Problem(
-                        f"stages[{i}]({name})",
-                        f"'{name}' cannot run {where} '{need}': '{need}' must come before it",
-                    )
-                )
-    for unique in ("load", "partition", "save", *LAYER_LOOP):
-        idx = [i for i, n in enumerate(names) if n == unique]
-        if len(idx) > 1:
-            probs.append(
+    ``stages`` is a mapping from a stage id (the key report.json uses) to the stage's
+    fields, so a derived recipe or an override changes one stage by its key
+    (``stages.solve.dampening=0.05``) and Hydra merges it; ``null`` (or ``~stages.KEY``
+    on the command line) removes an entry. ``stage:`` defaults to the key.
+    """
+    if not isinstance(stages_raw, Mapping):
+        kind = type(stages_raw).__name__
+        return [], [
+            Problem(
+                "stages",
+                f"must be a mapping from stage id to its settings (e.g. 'solve: {{}}'), got {kind}",
+            )
+        ]
+    entries: list[tuple[str, Any]] = []
+    problems: list[Problem] = []
+    for key, entry in stages_raw.items():
+        if entry is None:
+            continue
+        if not isinstance(entry, Mapping):
+            problems.append(
                 Problem(
-                    f"stages[{idx[1]}]({unique})",
-                    f"'{unique}' appears {len(idx)} times (at {idx}); it may appear once",
+                    f"stages.{key}",
+                    f"must be a mapping of the stage's settings ({{}} for none) or null to "
+                    f"remove it, got {entry!r}",
                 )
             )
-    if names and names[0] != "load":
-        probs.append(Problem("stages[0]", f"the pipeline must start with 'load', not {names[0]!r}"))
-    loop = [i for i, n in enumerate(names) if n in LAYER_LOOP]
-    if loop and not probs:
-        got = [names[i] for i in loop]
-        if got != list(LAYER_LOOP[: len(got)]) or loop != list(range(loop[0], loop[0] + len(loop))):
-            probs.append(
-                Problem(
-                    f"stages[{loop[0]}]",
-                    f"the per-layer stages must appear together in the order {list(LAYER_LOOP)}; got {got}",
-                )
-            )
-        elif got != list(LAYER_LOOP):
-            missing = [n for n in LAYER_LOOP if n not in got]
-            probs.append(
-                Problem(
-                    f"stages[{loop[-1]}]({got[-1]})",
-                    f"the per-layer loop is incomplete: missing {missing}",
-                )
-            )
-    return probs
+            continue
+        if "id" in entry:
+            problems.append(Problem(f"stages.{key}.id", "the stage id is its key; remove 'id'"))
+            continue
+        entries.append((str(key), {"stage": str(key), **entry, "id": str(key)}))
+    return entries, problems
 
 
 def validate_recipe(raw: Mapping[str, Any], *, file: str | None = None) -> Recipe:
     """Validate a composed, resolved recipe dict; raise RecipeError listing every problem."""
     raw = dict(raw)
     problems: list[Problem] = []
+    stages_raw = raw.pop("stages", None)
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = Recipe.model_validate({**raw, "stages": []})
     except ValidationError as exc:
-        problems += [
-            p
-            for p in problems_from_validation(exc, model=Recipe)
-            if not p.path.startswith("stages[")
-        ]
+        problems += problems_from_validation(exc, model=Recipe)
         recipe = None
-    stages_raw = raw.get("stages")
+    if stages_raw is None:
+        problems.append(Problem("stages", "required key is missing"))
+        stages_raw = {}
+    entries, bad = _stage_entries(stages_raw)
+    problems += bad
     parsed: list[StageConfig] = []
-    if isinstance(stages_raw, list):
-        adapter: TypeAdapter[Any] = TypeAdapter(stage_union())
-        for i, entry in enumerate(stages_raw):
-            try:
-                parsed.append(adapter.validate_python(entry))
-            except ValidationError as exc:
-                problems += problems_from_validation(exc, prefix=f"stages[{i}]")
-        names = [e.get("stage") if isinstance(e, dict) else None for e in stages_raw]
-        if all(isinstance(n, str) and n in registered() for n in names):
-            problems += order_problems([str(n) for n in names])
-    elif stages_raw is not None:
-        problems.append(
-            Problem("stages", f"must be a list of stage entries, got {type(stages_raw).__name__}")
-        )
+    adapter: TypeAdapter[Any] = TypeAdapter(stage_union())
+    for key, entry in entries:
+        try:
+            parsed.append(adapter.validate_python(entry))
+        except ValidationError as exc:
+            problems += problems_from_validation(exc, prefix=f"stages.{key}")
+    if not problems and not parsed:
+        problems.append(Problem("stages", "the pipeline has no stages"))
+    if not problems:
+        problems += [Problem(v.path, v.message) for v in check_order(parsed)]
     if problems or recipe is None:
         raise RecipeError([Problem(p.path, p.message, file) for p in problems])
     return recipe.model_copy(update={"stages": parsed})

@@ -102,7 +102,7 @@ def _summary(cls: type) -> str:
 
 
 def _phase(spec: StageSpec) -> str:
-    return "per layer" if spec.phase == "layer" else "once"
+    return "per layer" if spec.per_layer else "once"
 
 
 def stages_in_order() -> list[StageSpec]:

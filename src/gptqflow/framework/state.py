@@ -1,82 +1,163 @@
-"""The typed pipeline state that stages read and write (configs never hold tensors)."""
+"""The typed state stages hand to each other, on one rank (configs never hold tensors).
+
+Three scopes, each a dataclass whose fields are the names stages declare in
+``REQUIRES``/``PROVIDES`` (see :mod:`gptqflow.framework.stage`):
+
+* :class:`PipelineState`, the whole run: ``model``, ``tokenizer``, ``samples``,
+  ``quantized``, ``perplexity``, ``checkpoint`` ...;
+* :class:`LayerRun`, one decoder layer inside the layer loop: ``layer.inputs``,
+  ``layer.outputs``;
+* :class:`GroupRun`, one group of target modules that read the same input:
+  ``group.inputs``, ``group.hessian``, ``group.reduced_hessian``, ``group.plan``,
+  ``group.results``.
+
+A plugin that needs to pass something of its own declares a :class:`Slot` (a typed key)
+and stores the value in the scope's ``slots``; the slot's name is what its stages
+declare. No free-form dictionaries of untyped keys.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
-from gptqflow.framework.schema import Recipe
 from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.plan import RowSlice
-from gptqflow.gptq.types import QuantArgs, QuantResult
+from gptqflow.gptq.types import QuantResult
+
+if TYPE_CHECKING:
+    from gptqflow.framework.schema import Recipe
+
+T = TypeVar("T")
+
+# What the built-in state provides, by scope; a contract name is one of these or a Slot's name.
+MODEL_FIELDS = ("model", "tokenizer", "samples", "quantized", "perplexity", "checkpoint")
+LAYER_FIELDS = ("layer.inputs", "layer.outputs")
+GROUP_FIELDS = (
+    "group.inputs",
+    "group.hessian",
+    "group.reduced_hessian",
+    "group.plan",
+    "group.results",
+)
 
 
-@dataclass
-class GroupStep:
-    """One unit of the per-layer loop: the Linear modules of a layer that read the same input.
+@dataclass(frozen=True)
+class Slot(Generic[T]):
+    """A typed key for a plugin's own state: ``NORMS = Slot[dict[str, Tensor]]("layer.norms")``.
 
-    They share one Hessian (computed once), so they are solved together: the
-    calibrate stage fills ``hessian``; hessian-reduce makes the summed Hessian
-    available where the plan needs it; solve fills ``results`` for this rank's row
-    slices; broadcast assembles every module on every rank and installs it.
+    The name carries the scope as its prefix (``group.``, ``layer.``, none for the whole
+    run), the same spelling stages use in ``REQUIRES``/``PROVIDES``.
     """
 
-    layer_index: int
-    group_index: int
-    names: list[str]
-    modules: list[nn.Linear]
-    hessian: HessianSum
-    plan: list[RowSlice] = field(default_factory=list)
-    # Every rank takes part in the factorisation (see gptqflow.gptq.plan), not only
-    # the ranks with rows.
-    shared_factor: bool = False
-    full_hessian: torch.Tensor | None = None  # float32, divided by the token count
-    results: dict[tuple[int, int], QuantResult] = field(
-        default_factory=dict
-    )  # (module, start) -> slice
-    solve_seconds: dict[int, float] = field(
-        default_factory=dict
-    )  # rank -> seconds (this rank's entry)
-    solve_cpu_seconds: dict[int, float] = field(
-        default_factory=dict
-    )  # rank -> CPU seconds of this rank's process during its solve
+    name: str
 
-    @property
-    def cols(self) -> int:
-        return self.modules[0].in_features
 
-    @property
-    def rows(self) -> list[int]:
-        return [m.out_features for m in self.modules]
+class Slots:
+    """The plugin slots of one scope: ``store[SLOT] = value``; ``store[SLOT]`` is typed."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def __setitem__(self, slot: Slot[T], value: T) -> None:
+        self._values[slot.name] = value
+
+    def __getitem__(self, slot: Slot[T]) -> T:
+        if slot.name not in self._values:
+            raise KeyError(f"{slot.name} is not set: no earlier stage provided it")
+        return self._values[slot.name]  # type: ignore[no-any-return]
+
+    def __contains__(self, slot: Slot[Any]) -> bool:
+        return slot.name in self._values
+
+    def get(self, slot: Slot[T], default: T) -> T:
+        return self._values.get(slot.name, default)  # type: ignore[no-any-return]
 
 
 @dataclass
 class PipelineState:
-    """Everything stages hand to each other, on one rank."""
+    """Everything whole-model stages hand to each other, on one rank."""
 
     recipe: Recipe
     output_dir: Path
     model: Any = None  # transformers PreTrainedModel
     tokenizer: Any = None
     model_dir: Path | None = None
-    layers: Any = None  # the model's decoder layers (nn.ModuleList)
     samples: torch.Tensor | None = None  # this rank's calibration token ids [n_local, seq_len]
     sample_range: range = range(0)
-    quant_args: QuantArgs | None = None
+    # Every quantized module (after the loop: all of them, on every rank), by module name.
     quantized: dict[str, QuantResult] = field(default_factory=dict)
     perplexity: dict[str, float | None] = field(
         default_factory=lambda: {"baseline": None, "quantized": None}
     )
-    layer_reports: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
     # Modules this rank rounded to nearest because GPTQ failed ({"layer", "module", "reason"}).
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Filled by the framework: per-layer entries of report.json, and this rank's
+    # calibration tokens that went through the layer loop.
+    layer_reports: list[dict[str, Any]] = field(default_factory=list)
+    tokens_calibrated: int = 0
+    progress: bool = False  # draw progress bars (rank 0 at a terminal)
+    slots: Slots = field(default_factory=Slots)
 
     @property
     def is_quantized(self) -> bool:
         return bool(self.quantized)
+
+
+@dataclass
+class LayerRun:
+    """One decoder layer while the layer loop processes it."""
+
+    state: PipelineState
+    index: int
+    name: str  # module name, e.g. model.layers.3
+    module: nn.Module
+    targets: dict[str, nn.Module]  # the modules to quantize, by full name
+    inputs: torch.Tensor | None = None  # this rank's hidden states entering it [n, seq, h]
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the layer's other forward arguments
+    outputs: torch.Tensor | None = None  # after the forward: the next layer's inputs
+    groups: list[GroupRun] = field(default_factory=list)  # in the order they were reached
+    # Entries stages add to this layer's report.json entry (same value on every rank).
+    report: dict[str, Any] = field(default_factory=dict)
+    slots: Slots = field(default_factory=Slots)
+
+
+@dataclass
+class GroupRun:
+    """Target modules of one layer that read the same input: one Hessian, solved together."""
+
+    layer: LayerRun
+    index: int
+    names: list[str]
+    modules: list[nn.Module]
+    inputs: torch.Tensor | None = None  # this rank's input to the group [n, seq, cols]
+    hessian: HessianSum | None = None  # sum of 2·xᵀx (float64) and token count
+    reduced_hessian: torch.Tensor | None = None  # float32, all ranks' sum / all tokens
+    plan: list[RowSlice] = field(default_factory=list)  # who solves which rows
+    # Every rank takes part in the factorisation (see gptqflow.gptq.plan).
+    shared_factor: bool = False
+    results: dict[tuple[int, int], QuantResult] = field(default_factory=dict)  # (module, start)
+    slots: Slots = field(default_factory=Slots)
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The modules' 2-D weights (out_features x in_features), in ``names`` order."""
+        out = []
+        for m in self.modules:
+            w = m.weight
+            assert isinstance(w, torch.Tensor), "a target module has a weight tensor"
+            out.append(w)
+        return out
+
+    @property
+    def cols(self) -> int:
+        return int(self.weights[0].shape[1])
+
+    @property
+    def rows(self) -> list[int]:
+        return [int(w.shape[0]) for w in self.weights]

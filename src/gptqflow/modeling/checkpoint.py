@@ -69,7 +69,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.types import QuantArgs, QuantResult
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 from gptqflow.modeling.structure import read_model_config
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

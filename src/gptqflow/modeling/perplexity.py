@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 
 def eval_windows(token_ids: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:

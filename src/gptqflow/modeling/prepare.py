@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gptqflow.framework.errors import GptqflowError
+from gptqflow.errors import GptqflowError
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 

@@ -1,12 +1,5 @@
-"""The built-in stages, one module each; importing this package registers them."""
+"""The built-in stages, one module each.
 
-from gptqflow.stages import (  # noqa: F401
-    broadcast,
-    calibrate,
-    evaluate,
-    hessian_reduce,
-    load,
-    partition,
-    save,
-    solve,
-)
+They are registered like any plugin: through the ``gptqflow.stages`` entry points in
+``pyproject.toml`` (see :mod:`gptqflow.framework.registry`), not by importing this package.
+"""

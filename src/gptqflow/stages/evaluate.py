@@ -1,32 +1,39 @@
 """``evaluate``: perplexity of the model as it is at this point of the pipeline.
 
-Placed before the per-layer loop it measures the baseline; after it, the quantized
-model (recorded as ``perplexity.baseline`` / ``perplexity.quantized`` in the report).
-Consumes: ``state.model``, ``state.tokenizer``. Produces: ``state.perplexity``.
+Placed before the layer loop it measures the baseline; after it, the quantized model
+(recorded as ``perplexity.baseline`` / ``perplexity.quantized`` in the report). Reads the
+``dataset`` group: the first ``eval_tokens`` tokens (0 skips) of ``eval_file``, in
+windows of ``seq_len``. A resumed run reuses the baseline from the resume point.
+Requires: ``model``, ``tokenizer``. Provides: ``perplexity``.
 Collectives: the evaluation windows are sharded over ranks and the NLL sums and
 token counts all-reduced (float64), so N ranks evaluate N times faster.
 
 ```yaml
-- stage: evaluate
-  eval_file: ${dataset.eval_file}
-  max_tokens: ${dataset.eval_tokens}   # 0 skips
-  seq_len: ${dataset.seq_len}
+stages:
+  baseline: {stage: evaluate}    # before the layer loop
+  # ... the layer loop ...
+  quantized: {stage: evaluate}   # after it
 ```
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
 
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.registry import Stage, StageConfig, register_stage
-from gptqflow.framework.state import PipelineState
+from gptqflow.framework.preflight import text_file_problem
+from gptqflow.framework.registry import register_stage
+from gptqflow.framework.schema import Problem, Recipe
+from gptqflow.framework.stage import Stage, StageConfig
+from gptqflow.framework.state import PipelineState, Slot
 from gptqflow.modeling.perplexity import eval_windows, window_nll
 from gptqflow.modeling.text import read_text, tokenize_text
+
+log = logging.getLogger("gptqflow")
 
 
 def sharded_perplexity(
@@ -68,47 +75,56 @@ def leading_tokens(tokenizer: object, text: str, n_tokens: int) -> torch.Tensor:
         chars *= 2
 
 
+# The eval file's leading tokens, shared by the baseline and quantized evaluations.
+EVAL_TOKENS: Slot[dict[tuple[str, int], torch.Tensor]] = Slot("eval_tokens")
+
+
 class EvaluateStage(Stage):
     config: EvaluateConfig
 
     def run(self, state: PipelineState, ctx: DistContext) -> None:
-        cfg = self.config
+        data = self.recipe.dataset
         label = "quantized" if state.is_quantized else "baseline"
-        if cfg.max_tokens == 0:
+        if data.eval_tokens == 0:
             state.perplexity[label] = None
             return
-        cache = state.extra.setdefault("eval_tokens", {})
-        key = (cfg.eval_file, cfg.max_tokens)
-        if key not in cache:  # baseline and quantized evaluations share the tokens
-            cache[key] = leading_tokens(state.tokenizer, read_text(cfg.eval_file), cfg.max_tokens)
-        ids = cache[key]
-        windows = eval_windows(ids, cfg.seq_len, cfg.max_tokens)
+        cache = state.slots.get(EVAL_TOKENS, {})
+        state.slots[EVAL_TOKENS] = cache
+        key = (data.eval_file, data.eval_tokens)
+        if key not in cache:
+            cache[key] = leading_tokens(
+                state.tokenizer, read_text(data.eval_file), data.eval_tokens
+            )
+        windows = eval_windows(cache[key], data.seq_len, data.eval_tokens)
         model = state.model.to(ctx.device)
         try:
-            ppl = sharded_perplexity(
-                model, windows, ctx, progress=state.extra.get("progress", False)
-            )
+            ppl = sharded_perplexity(model, windows, ctx, progress=state.progress)
         finally:
             state.model.to("cpu")
         state.perplexity[label] = ppl
-        state.extra.setdefault("log", []).append(f"perplexity ({label}): {ppl:.4f}")
+        log.info("perplexity (%s): %.4f", label, ppl)
+
+    def save_result(self, state: PipelineState) -> dict[str, Any] | None:
+        """The baseline (taken before any weight changed) is worth keeping for a resumed run."""
+        if state.is_quantized:
+            return None
+        return {"baseline": state.perplexity["baseline"]}
+
+    def restore_result(self, state: PipelineState, saved: dict[str, Any]) -> None:
+        state.perplexity.update(saved)
 
 
 @register_stage("evaluate", EvaluateStage)
 class EvaluateConfig(StageConfig):
-    """Perplexity on the first ``max_tokens`` tokens of a text, in windows of ``seq_len``."""
+    """Perplexity on the first ``dataset.eval_tokens`` tokens of ``dataset.eval_file``."""
 
     stage: Literal["evaluate"] = "evaluate"
-    eval_file: str = Field(description="Plain UTF-8 text to measure perplexity on.")
-    max_tokens: int = Field(
-        40960,
-        ge=0,
-        description="Tokens evaluated (first T of the file); 0 skips.",
-        json_schema_extra={"unit": "tokens"},
-    )
-    seq_len: int = Field(
-        512,
-        ge=2,
-        description="Tokens per non-overlapping window.",
-        json_schema_extra={"unit": "tokens"},
-    )
+    REQUIRES = ("model", "tokenizer")
+    PROVIDES = ("perplexity",)
+
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        data = recipe.dataset
+        if data.eval_tokens == 0:
+            return []
+        problem = text_file_problem("dataset.eval_file", data.eval_file)
+        return [] if problem is None else [problem]

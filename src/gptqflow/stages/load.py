@@ -1,16 +1,16 @@
 """``load``: a transformers causal LM from a local directory, kept on the CPU.
 
-Consumes: nothing. Produces: ``state.model``, ``state.tokenizer``, ``state.layers``.
+Reads the ``model`` group (``model.path``, ``model.dtype``, ``model.trust_remote_code``:
+never run the dir's code unless true, ``model.allow_pickle``: refuse ``*.bin``/``*.pt``
+weights unless true).
+Requires: nothing. Provides: ``model``, ``tokenizer``.
 Collectives: none (every rank loads its own copy).
 Each decoder layer is moved to the execution device only while it is processed,
 so a model larger than device memory can be quantized.
 
 ```yaml
-- stage: load
-  path: ${model.path}
-  dtype: ${model.dtype}
-  trust_remote_code: ${model.trust_remote_code}   # never run the dir's code unless true
-  allow_pickle: ${model.allow_pickle}             # refuse *.bin / *.pt weights unless true
+stages:
+  load: {}
 ```
 """
 
@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
-from gptqflow.framework.registry import Stage, StageConfig, register_stage
+from gptqflow.framework.registry import register_stage
+from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import PipelineState
 from gptqflow.modeling.modeldir import check_model_dir
-from gptqflow.modeling.structure import decoder_layers
 
 log = logging.getLogger("gptqflow")
 
@@ -43,21 +42,20 @@ class LoadStage(Stage):
 
         from gptqflow.modeling.text import load_tokenizer
 
-        path = Path(self.config.path)
+        cfg = self.recipe.model
+        path = Path(cfg.path)
         # Clear errors for a missing dir / config.json, an unsupported architecture,
         # truncated safetensors, and pickle weights the user did not allow.
         weights = check_model_dir(
-            path,
-            allow_pickle=self.config.allow_pickle,
-            trust_remote_code=self.config.trust_remote_code,
+            path, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
         )
-        dtype = "auto" if self.config.dtype == "auto" else DTYPES[self.config.dtype]
+        dtype = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         try:
             loaded: Any = AutoModelForCausalLM.from_pretrained(
                 path,
                 dtype=dtype,
                 local_files_only=True,
-                trust_remote_code=self.config.trust_remote_code,
+                trust_remote_code=cfg.trust_remote_code,
                 # Never fall back to pickle files when safetensors exist.
                 use_safetensors=weights.safetensors,
                 low_cpu_mem_usage=True,
@@ -75,7 +73,6 @@ class LoadStage(Stage):
         state.model = model
         state.model_dir = path
         state.tokenizer = load_tokenizer(path)
-        _, state.layers = decoder_layers(model)
 
 
 def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
@@ -105,16 +102,7 @@ def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
 
 @register_stage("load", LoadStage)
 class LoadConfig(StageConfig):
-    """Load a local transformers causal LM (never from a hub)."""
+    """Load the ``model`` group's local transformers causal LM (never from a hub)."""
 
     stage: Literal["load"] = "load"
-    path: str = Field(description="Local model directory (config.json + safetensors + tokenizer).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype while quantizing; auto = the checkpoint's."
-    )
-    trust_remote_code: bool = Field(False, description="Run Python code shipped in the model dir.")
-    allow_pickle: bool = Field(
-        False,
-        description="Load pickle weights (*.bin, *.pt) when there are no safetensors; "
-        "unpickling can run code.",
-    )
+    PROVIDES = ("model", "tokenizer")

@@ -1,18 +1,16 @@
 """``partition``: calibration text -> this rank's slice of ``num_samples`` token windows.
 
-Consumes: ``state.tokenizer``. Produces: ``state.samples`` ``[n_local, seq_len]`` and
-``state.sample_range`` (global indices of this rank's samples).
+Reads the ``dataset`` group (``calibration_file``, ``num_samples``, ``seq_len``, ``seed``).
+Requires: ``tokenizer``. Provides: ``samples`` (``[n_local, seq_len]`` token ids, and
+``state.sample_range``, the global indices of this rank's samples).
 Collectives: none. The window choice is a pure function of (token count,
 num_samples, seq_len, seed) and the slice a pure function of (num_samples, rank,
 world_size), so every rank agrees without talking, and concatenating the ranks'
 slices in rank order gives exactly the one-rank sample list.
 
 ```yaml
-- stage: partition
-  calibration_file: ${dataset.calibration_file}
-  num_samples: ${dataset.num_samples}
-  seq_len: ${dataset.seq_len}
-  seed: ${dataset.seed}
+stages:
+  partition: {}
 ```
 """
 
@@ -20,11 +18,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
-from gptqflow.framework.registry import Stage, StageConfig, register_stage
+from gptqflow.framework.preflight import text_file_problem
+from gptqflow.framework.registry import register_stage
+from gptqflow.framework.schema import Problem, Recipe
+from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import PipelineState
 from gptqflow.modeling.text import calibration_windows, read_text, tokenize_text, windows_to_tensor
 
@@ -33,7 +32,7 @@ class PartitionStage(Stage):
     config: PartitionConfig
 
     def run(self, state: PipelineState, ctx: DistContext) -> None:
-        cfg = self.config
+        cfg = self.recipe.dataset
         if cfg.num_samples < ctx.world_size:
             raise GptqflowError(
                 f"dataset.num_samples={cfg.num_samples} is smaller than the world size "
@@ -54,22 +53,23 @@ class PartitionStage(Stage):
 
 @register_stage("partition", PartitionStage)
 class PartitionConfig(StageConfig):
-    """Tokenize the calibration text and take this rank's slice of the samples."""
+    """Tokenize the ``dataset`` group's calibration text and take this rank's slice of the samples."""
 
     stage: Literal["partition"] = "partition"
-    calibration_file: str = Field(description="Plain UTF-8 text to calibrate on.")
-    num_samples: int = Field(
-        128,
-        ge=1,
-        description="Calibration sequences in total (all ranks).",
-        json_schema_extra={"unit": "sequences"},
-    )
-    seq_len: int = Field(
-        512,
-        ge=8,
-        description="Tokens per calibration sequence.",
-        json_schema_extra={"unit": "tokens"},
-    )
-    seed: int = Field(
-        0, description="Seed of the window selection.", json_schema_extra={"unit": None}
-    )
+    REQUIRES = ("tokenizer",)
+    PROVIDES = ("samples",)
+
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        data, ranks = recipe.dataset, recipe.runtime.nproc_per_node
+        out = [
+            p for p in [text_file_problem("dataset.calibration_file", data.calibration_file)] if p
+        ]
+        if data.num_samples < ranks:
+            out.append(
+                Problem(
+                    "dataset.num_samples",
+                    f"{data.num_samples} < runtime.nproc_per_node={ranks}: every rank needs at "
+                    "least one calibration sample",
+                )
+            )
+        return out

@@ -1,16 +1,17 @@
 """``save``: rank 0 writes a compressed-tensors checkpoint; the other ranks wait.
 
-Consumes: ``state.model`` (quantized weights installed), ``state.quantized`` (the
-integers, scales, zero points and g_idx of every module), ``state.quant_args``.
-Produces: ``<output_dir>/<subdir>`` loadable by transformers and vLLM.
+Requires: ``quantized`` (the integers, scales, zero points and g_idx of every module,
+their weights installed in ``state.model``). Reads the ``scheme`` group (written into
+the config; ``scheme.ignore`` listed as unquantized) and the top-level ``overwrite``.
+Provides: ``checkpoint``: ``<output_dir>/<subdir>``, loadable by transformers and vLLM.
 Collectives: one barrier, so no rank exits before the checkpoint is complete.
 The checkpoint is written to a temporary directory and renamed at the end: an
 interrupted run never leaves a directory that looks complete.
 
 ```yaml
-- stage: save
-  subdir: checkpoint
-  overwrite: ${overwrite}
+stages:
+  save:
+    subdir: checkpoint
 ```
 """
 
@@ -22,9 +23,11 @@ from typing import Literal
 
 from pydantic import Field
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext
-from gptqflow.framework.errors import GptqflowError
-from gptqflow.framework.registry import Stage, StageConfig, register_stage
+from gptqflow.framework.registry import register_stage
+from gptqflow.framework.schema import Problem, Recipe
+from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import PipelineState
 from gptqflow.modeling.checkpoint import write_compressed_checkpoint
 
@@ -49,17 +52,17 @@ class SaveStage(Stage):
 
     def run(self, state: PipelineState, ctx: DistContext) -> None:
         out = state.output_dir / self.config.subdir
+        scheme = self.recipe.scheme
         if ctx.is_main:
-            assert state.quant_args is not None
             try:
                 write_compressed_checkpoint(
                     state.model,
                     state.quantized,
-                    state.quant_args,
+                    scheme.quant_args(),
                     out,
                     tokenizer=state.tokenizer,
-                    ignore=self.config.ignore,
-                    overwrite=self.config.overwrite,
+                    ignore=scheme.ignore,
+                    overwrite=self.recipe.overwrite,
                 )
             except OSError as exc:  # the writer has already removed its temporary directory
                 raise GptqflowError(_write_failed(out, exc)) from exc
@@ -72,9 +75,18 @@ class SaveConfig(StageConfig):
     """Write the quantized model as a compressed-tensors checkpoint (rank 0 only)."""
 
     stage: Literal["save"] = "save"
+    REQUIRES = ("quantized",)
+    PROVIDES = ("checkpoint",)
     subdir: str = Field("checkpoint", description="Checkpoint directory, relative to output_dir.")
-    overwrite: bool = Field(False, description="Replace an existing checkpoint there.")
-    ignore: list[str] = Field(
-        default_factory=lambda: ["lm_head"],
-        description="Modules listed as unquantized in the config.",
-    )
+
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        target = Path(recipe.output_dir) / self.subdir
+        if target.exists() and any(target.iterdir()) and not recipe.overwrite:
+            return [
+                Problem(
+                    f"stages.{self.id}",
+                    f"{target} already holds a checkpoint; pass overwrite=true to replace it "
+                    "or choose another output_dir",
+                )
+            ]
+        return []

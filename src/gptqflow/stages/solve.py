@@ -1,11 +1,15 @@
-"""``solve``: GPTQ (or round-to-nearest) on this rank's row slices of the current group.
+"""``solve``: plan who solves which rows, then GPTQ (or round-to-nearest) this rank's slices.
 
-Consumes: ``step.plan``, ``step.shared_factor``, ``step.full_hessian``, the group's
-float weights. Produces: ``step.results`` (this rank's slices as QuantResults) and
-``state.quant_args``. Collectives: none for a local factorisation; for a shared one
-(``step.shared_factor``), one asynchronous broadcast per factor panel, in which
-every rank takes part (:class:`RankExchange`). The solver itself is a pure function
-of (weight, Hessian, quant args): how panels travel is handed to it.
+Reads the ``scheme`` group (bits, group size, symmetry, act-order, observer,
+``on_failure``). Requires: ``group.reduced_hessian`` (for ``method: gptq``, or
+``report_loss``); the group's float weights. Provides: ``group.plan`` (row slices per
+rank and whether the ranks share the factorisation: see :mod:`gptqflow.gptq.plan`) and
+``group.results`` (this rank's slices). Collectives: none for a local factorisation;
+for a shared one, one asynchronous broadcast per factor panel, in which every rank
+takes part (:class:`RankExchange`). The plan is a pure function of the group's shapes
+and the world size, so every rank computes the same plan without talking; the solver
+itself is a pure function of (weight, Hessian, quant args): how panels travel is
+handed to it.
 
 Numerics are checked where a problem first shows, so it is reported with its layer
 and module and never reaches a checkpoint: a Hessian with NaN/Inf (non-finite
@@ -22,116 +26,146 @@ ranks together) and shared by all of the rank's slices (q, k and v reuse one
 factorisation).
 
 ```yaml
-- stage: solve
-  method: gptq
-  bits: ${scheme.bits}
-  group_size: ${scheme.group_size}
-  symmetric: ${scheme.symmetric}
-  actorder: ${scheme.actorder}
-  on_failure: ${scheme.on_failure}   # error | rtn
+stages:
+  solve:
+    method: gptq        # rtn: round to nearest (needs no Hessian, no calibration)
+    dampening: 0.01
+    block_size: 128
 ```
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import time
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext, Handle
-from gptqflow.framework.errors import GptqflowError
-from gptqflow.framework.registry import Stage, StageConfig, register_stage
-from gptqflow.framework.state import GroupStep, PipelineState
+from gptqflow.framework.registry import register_stage
+from gptqflow.framework.schema import Recipe
+from gptqflow.framework.stage import Stage, StageConfig
+from gptqflow.framework.state import GroupRun, LayerRun
 from gptqflow.gptq.cholesky import LOCAL, PanelExchange
+from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.numerics import count_nonfinite
-from gptqflow.gptq.plan import RowSlice
+from gptqflow.gptq.plan import RowSlice, plan_solve, split_rows
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
-from gptqflow.gptq.types import QuantArgs, QuantResult
+from gptqflow.gptq.types import QuantResult
 
 log = logging.getLogger("gptqflow")
 
 
 class SolveStage(Stage):
     config: SolveConfig
+    BALANCED_WORK = True  # the plan divides this work between the ranks
 
-    @property
-    def args(self) -> QuantArgs:
-        c = self.config
-        return QuantArgs(
-            bits=c.bits,
-            group_size=c.group_size,
-            symmetric=c.symmetric,
-            actorder=c.actorder,
-            block_size=c.block_size,
-            dampening=c.dampening,
-            max_damp_retries=c.max_damp_retries,
-            observer=c.observer,
+    def __init__(self, config: SolveConfig, recipe: Recipe) -> None:
+        super().__init__(config, recipe)
+        c = config
+        self.args = recipe.scheme.quant_args(
+            block_size=c.block_size, dampening=c.dampening, max_damp_retries=c.max_damp_retries
         )
+        self._cost: CostModel | None = None
 
-    def run_step(self, state: PipelineState, step: GroupStep, ctx: DistContext) -> None:
+    def cost_model(self, ctx: DistContext) -> CostModel:
+        """The cost model, loaded once; ranks check they hold the same constants."""
+        if self._cost is None:
+            path = self.config.cost_model
+            try:
+                cost = (
+                    CostModel.default()
+                    if path is None
+                    else CostModel.from_json(Path(path).read_text())
+                )
+            except (OSError, ValueError) as exc:
+                raise GptqflowError(
+                    f"stages.{self.config.id}.cost_model={path!r}: cannot read it: {exc}"
+                ) from exc
+            ctx.check_same("the cost model", json.dumps(cost.to_dict(), sort_keys=True))
+            self._cost = cost
+        return self._cost
+
+    def before_layer(self, layer: LayerRun, ctx: DistContext) -> None:
+        layer.report["shared_factor"] = []  # groups whose factorisation every rank shared
+
+    def plan(self, group: GroupRun, ctx: DistContext) -> None:
+        """Who solves which rows: the cost planner for GPTQ, equal rows otherwise."""
+        if self.config.method == "gptq" and self.config.planner == "cost":
+            solve = plan_solve(group.rows, group.cols, ctx.world_size, self.cost_model(ctx))
+            group.plan, group.shared_factor = list(solve.slices), solve.shared_factor
+        else:
+            group.plan = split_rows(
+                group.rows, ctx.world_size, min_rows=self.config.min_rows_per_rank
+            )
+        if group.shared_factor:
+            group.layer.report["shared_factor"].append(
+                "+".join(n.rsplit(".", 1)[-1] for n in group.names)
+            )
+
+    def on_group(self, group: GroupRun, ctx: DistContext) -> None:
+        self.plan(group, ctx)
         args = self.args
-        state.quant_args = args
-        mine = [s for s in step.plan if s.rank == ctx.rank]
-        start, cpu = time.perf_counter(), time.process_time()
-        check_finite_inputs(step)
+        state = group.layer.state
+        mine = [s for s in group.plan if s.rank == ctx.rank]
+        check_finite_inputs(group)
         gptq = self.config.method == "gptq"
-        exchange: PanelExchange = RankExchange(ctx) if step.shared_factor else LOCAL
+        exchange: PanelExchange = RankExchange(ctx) if group.shared_factor else LOCAL
         factor = None
         fallback: str | None = None
         # A rank without rows still takes part in a shared factorisation.
-        if gptq and (mine or step.shared_factor):
-            assert step.full_hessian is not None
+        if gptq and (mine or group.shared_factor):
+            assert group.reduced_hessian is not None
             try:
-                factor = prepare_factor(step.full_hessian, args, exchange=exchange)
+                factor = prepare_factor(group.reduced_hessian, args, exchange=exchange)
             except CholeskyError as exc:
-                fallback = self._cholesky_failed(step, exc, ctx)
-        if mine:
-            assert step.full_hessian is not None
-            h = step.full_hessian
-            # All of this rank's slices share the Hessian, so they are stacked into one
-            # sweep: rows are independent given the factor (a slice of a solve is
-            # bit-identical to solving it alone), and the per-column cost is paid once.
-            w = torch.cat([step.modules[s.module].weight.data[s.start : s.stop] for s in mine])
-            if factor is None:
-                res = rtn_quantize(w, args)
-            else:
-                res = solve_rows(w, factor, args)
-            check_finite_result(step, mine, res)
-            if fallback is not None:
-                state.fallbacks += [
-                    {"layer": step.layer_index, "module": step.names[m], "reason": fallback}
-                    for m in sorted({s.module for s in mine})
-                ]
-            offset = 0
-            for s in mine:
-                part = _rows(res, offset, offset + s.rows)
-                if self.config.report_loss:
-                    part.loss = quantization_loss(w[offset : offset + s.rows], part.dequant, h)
-                step.results[(s.module, s.start)] = part
-                offset += s.rows
-        step.solve_seconds[ctx.rank] = time.perf_counter() - start
-        step.solve_cpu_seconds[ctx.rank] = time.process_time() - cpu
+                fallback = self._cholesky_failed(group, exc, ctx)
+        if not mine:
+            return
+        # All of this rank's slices share the Hessian, so they are stacked into one
+        # sweep: rows are independent given the factor (a slice of a solve is
+        # bit-identical to solving it alone), and the per-column cost is paid once.
+        w = torch.cat([group.weights[s.module].data[s.start : s.stop] for s in mine])
+        res = rtn_quantize(w, args) if factor is None else solve_rows(w, factor, args)
+        check_finite_result(group, mine, res)
+        if fallback is not None:
+            state.fallbacks += [
+                {"layer": group.layer.index, "module": group.names[m], "reason": fallback}
+                for m in sorted({s.module for s in mine})
+            ]
+        offset = 0
+        for s in mine:
+            part = _rows(res, offset, offset + s.rows)
+            if self.config.report_loss:
+                assert group.reduced_hessian is not None
+                part.loss = quantization_loss(
+                    w[offset : offset + s.rows], part.dequant, group.reduced_hessian
+                )
+            group.results[(s.module, s.start)] = part
+            offset += s.rows
 
-    def _cholesky_failed(self, step: GroupStep, exc: CholeskyError, ctx: DistContext) -> str:
+    def _cholesky_failed(self, group: GroupRun, exc: CholeskyError, ctx: DistContext) -> str:
         """Raise (``on_failure: error``) or return the reason for a round-to-nearest fallback."""
-        where = f"layer {step.layer_index}, {', '.join(step.names)}"
-        if self.config.on_failure == "error":
+        where = f"layer {group.layer.index}, {', '.join(group.names)}"
+        if self.recipe.scheme.on_failure == "error":
             raise GptqflowError(
                 f"{where}: the Hessian is not positive definite: {exc}. Calibrate on more "
-                "tokens (dataset.num_samples, dataset.seq_len), raise solve.max_damp_retries, "
-                "or set scheme.on_failure=rtn to round these modules to nearest instead"
+                "tokens (dataset.num_samples, dataset.seq_len), raise "
+                f"stages.{self.config.id}.max_damp_retries, or set scheme.on_failure=rtn to "
+                "round these modules to nearest instead"
             ) from exc
         reason = f"Hessian not positive definite: {exc}"
-        if ctx.rank == min(s.rank for s in step.plan):  # one warning per group, not per rank
+        if ctx.rank == min(s.rank for s in group.plan):  # one warning per group, not per rank
             log.warning("%s: round-to-nearest instead of GPTQ (%s)", where, reason)
         return reason
 
 
-def check_finite_inputs(step: GroupStep) -> None:
+def check_finite_inputs(group: GroupRun) -> None:
     """Stop at the first layer whose Hessian or float weights hold NaN/Inf.
 
     The reduced Hessian and the float weights are the same on every rank, so every
@@ -140,24 +174,24 @@ def check_finite_inputs(step: GroupStep) -> None:
     already quantized layers before it); GPTQ (or rounding) of them would only
     write NaN into the checkpoint.
     """
-    where = f"layer {step.layer_index}"
-    h = step.full_hessian
+    where = f"layer {group.layer.index}"
+    h = group.reduced_hessian
     if h is not None and (bad := count_nonfinite(h)):
         raise GptqflowError(
-            f"{where}, {', '.join(step.names)}: the Hessian has {bad} NaN/Inf entries of "
+            f"{where}, {', '.join(group.names)}: the Hessian has {bad} NaN/Inf entries of "
             f"{h.numel()}: the activations entering these modules are not finite, or so large "
             "that their squares overflow float32 (check the model's weights and dtype, e.g. "
             "model.dtype=float32 if float16 overflows)"
         )
-    for name, mod in zip(step.names, step.modules):
-        if bad := count_nonfinite(mod.weight):
+    for name, weight in zip(group.names, group.weights):
+        if bad := count_nonfinite(weight):
             raise GptqflowError(
                 f"{where}, {name}: the float weights have {bad} NaN/Inf values of "
-                f"{mod.weight.numel()}; the model checkpoint is damaged or overflowed its dtype"
+                f"{weight.numel()}; the model checkpoint is damaged or overflowed its dtype"
             )
 
 
-def check_finite_result(step: GroupStep, mine: list[RowSlice], res: QuantResult) -> None:
+def check_finite_result(group: GroupRun, mine: list[RowSlice], res: QuantResult) -> None:
     """Refuse a solve result with NaN/Inf scales or weights, naming the first bad module."""
     bad_rows = ~(torch.isfinite(res.scale).all(dim=1) & torch.isfinite(res.dequant).all(dim=1))
     if not bool(bad_rows.any()):
@@ -166,7 +200,7 @@ def check_finite_result(step: GroupStep, mine: list[RowSlice], res: QuantResult)
     for s in mine:
         if bool(bad_rows[offset : offset + s.rows].any()):
             raise GptqflowError(
-                f"layer {step.layer_index}, {step.names[s.module]}: the quantized weights "
+                f"layer {group.layer.index}, {group.names[s.module]}: the quantized weights "
                 f"(rows {s.start}..{s.stop - 1}) have NaN/Inf values; refusing to use them"
             )
         offset += s.rows
@@ -187,25 +221,14 @@ def _rows(res: QuantResult, start: int, stop: int) -> QuantResult:
 
 @register_stage("solve", SolveStage)
 class SolveConfig(StageConfig):
-    """Quantize each group's weights given its Hessian (GPTQ) or without it (RTN)."""
+    """Quantize each group's weights with the ``scheme`` group's settings: GPTQ, or RTN."""
 
-    phase = "layer"
     stage: Literal["solve"] = "solve"
+    PROVIDES = ("group.plan", "group.results")
     method: Literal["gptq", "rtn"] = Field(
-        "gptq", description="gptq, or rtn (round-to-nearest baseline)."
-    )
-    bits: Literal[2, 3, 4, 8] = Field(
-        4, description="Bits per weight.", json_schema_extra={"unit": "bits"}
-    )
-    group_size: Literal[-1, 32, 64, 128, 256] = Field(
-        128,
-        description="Input columns sharing one scale; -1 = one scale per output channel.",
-        json_schema_extra={"unit": "columns"},
-    )
-    symmetric: bool = Field(True, description="Symmetric grid (zero point 0) or asymmetric.")
-    actorder: Literal["none", "static", "group"] = Field(
-        "static",
-        description="Sweep columns by decreasing Hessian diagonal; group = groups follow it (g_idx).",
+        "gptq",
+        description="gptq (needs the group's reduced Hessian), or rtn (round-to-nearest "
+        "baseline: no Hessian, no calibration).",
     )
     block_size: int = Field(
         128,
@@ -226,20 +249,30 @@ class SolveConfig(StageConfig):
         description="Cholesky retries, each with 10x the dampening.",
         json_schema_extra={"unit": "retries"},
     )
-    observer: Literal["minmax", "mse"] = Field(
-        "mse",
-        description="Range of each group: min-max, or the shrunken range with the least error (mse).",
-    )
-    on_failure: Literal["error", "rtn"] = Field(
-        "error",
-        description="A Hessian still not positive definite after the dampening retries: stop "
-        "(error), or round the group's modules to nearest (rtn), listed in report.json.",
-    )
     report_loss: bool = Field(
         False,
         description="Compute tr((W-Q)H(W-Q)ᵀ) per module for report.json (costs about one more "
         "sweep's worth of matmuls).",
     )
+    planner: Literal["cost", "even"] = Field(
+        "cost",
+        description="gptq: cost = pick a local or shared factorisation and cut rows so the "
+        "slowest rank's predicted seconds (factorisation + sweep) are minimal; even = equal "
+        "rows per rank, each factorising alone. rtn always cuts equal rows.",
+    )
+    cost_model: str | None = Field(
+        None, description="Cost-model JSON from bench/fit_cost.py; null = the bundled CPU fit."
+    )
+    min_rows_per_rank: int = Field(
+        64,
+        ge=1,
+        description="Equal-rows plan: a group is split over at most rows/min_rows_per_rank ranks.",
+        json_schema_extra={"unit": "rows"},
+    )
+
+    def requires(self) -> frozenset[str]:
+        hessian = self.method == "gptq" or self.report_loss
+        return frozenset({"group.reduced_hessian"} if hessian else set())
 
 
 class RankExchange:

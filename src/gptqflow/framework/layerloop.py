@@ -1,0 +1,312 @@
+"""The layer loop: decoder layers one at a time, each stage's hooks in recipe order.
+
+The runner hands each run of consecutive layer stages (see
+:mod:`gptqflow.framework.stage`) to one :class:`LayerLoop`. For every decoder layer:
+
+1. ``before_layer`` of every stage;
+2. when a stage requires ``layer.inputs``/``group.inputs``: one forward pass of the layer
+   over this rank's hidden states. Pre-hooks on the target modules stop at the first
+   call into each group of modules that read the same tensor, build a
+   :class:`~gptqflow.framework.state.GroupRun` around that input and run every stage's
+   ``on_group`` before the group's modules compute. So the rest of the layer already
+   runs on whatever the stages installed (o_proj sees the outputs of the quantized
+   q/k/v), and one forward per layer does both the statistics and the propagation.
+   Without such a stage no forward runs at all: every target module is its own group;
+3. ``after_layer`` of every stage; the outputs become the next layer's inputs.
+
+Sequential across layers (the inputs of layer i+1 are the outputs of the finished layer
+i) and deterministic: every Linear computes sample by sample, so a rank's results do not
+depend on how many samples it holds. The loop also times each stage's hooks per layer
+(wall and CPU seconds, gathered from every rank into report.json), draws the progress
+bar on rank 0 and writes resume points.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gptqflow.errors import GptqflowError
+from gptqflow.framework.clock import StageClock, peak_rss
+from gptqflow.framework.contracts import LOOP_INPUTS
+from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.progress import LayerProgress
+from gptqflow.framework.stage import Stage
+from gptqflow.framework.state import GroupRun, LayerRun, PipelineState
+from gptqflow.gptq.numerics import count_nonfinite
+from gptqflow.modeling.forward import (
+    capture_layer_inputs,
+    per_sample_linears,
+    to_device,
+    trace_groups,
+)
+from gptqflow.modeling.structure import decoder_layers, target_linears
+
+if TYPE_CHECKING:
+    from gptqflow.framework.resume import ResumePoints
+
+log = logging.getLogger("gptqflow")
+
+#: report.json key of the loop's own time (input capture, forward passes, moving layers).
+LOOP_KEY = "layer-loop"
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Keep Python's cyclic garbage collector off the objects that live through the loop.
+
+    A loaded model, transformers, Hydra and torch hold ~400k Python objects; a full
+    collection walks all of them (0.1-0.3 s on this project's CPU), and the layer loop
+    allocates enough small objects (tensor views, per-column temporaries) to trigger
+    one every so often, at a different moment on each rank. On a 0.2 s layer solve
+    that single stall is a 1.5x load imbalance, and the other ranks wait for it at the
+    next collective. ``gc.freeze`` moves everything alive now into a permanent
+    generation that collections skip; garbage made inside the loop is still
+    collected. One collection first, so no garbage is frozen; unfrozen afterwards.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _imbalance(seconds: list[float]) -> float:
+    """max / mean over the ranks (1.0 when nobody spent any time)."""
+    mean = sum(seconds) / len(seconds)
+    return (max(seconds) / mean) if mean > 0 else 1.0
+
+
+class _Timer:
+    """Wall and CPU seconds of each stage's hooks during one layer."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+
+    @contextmanager
+    def time(self, sid: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            got = self.seconds.setdefault(sid, [0.0, 0.0])
+            got[0] += time.perf_counter() - wall
+            got[1] += time.process_time() - cpu
+
+    def total(self) -> float:
+        return sum(w for w, _ in self.seconds.values())
+
+
+class LayerLoop:
+    """Runs a sequence of layer stages over every decoder layer of the model."""
+
+    def __init__(
+        self,
+        stages: Sequence[tuple[str, Stage]],
+        ctx: DistContext,
+        clock: StageClock,
+        resume: ResumePoints,
+    ) -> None:
+        self.stages = list(stages)
+        self.ctx = ctx
+        self.clock = clock
+        self.resume = resume
+        self.needs_inputs = any(
+            n in LOOP_INPUTS for _, s in self.stages for n in s.config.requires()
+        )
+        self._group_cache: dict[Any, list[list[str]]] = {}
+        self.n_layers = 0
+
+    # -------------------------------------------------------------- the loop
+    def run(self, state: PipelineState) -> None:
+        with frozen_heap():
+            self._run(state)
+
+    def _run(self, state: PipelineState) -> None:
+        ctx, recipe = self.ctx, state.recipe
+        prefix, layers = decoder_layers(state.model)
+        n_layers = self.n_layers = len(layers)
+        hidden: torch.Tensor | None = None
+        kwargs: dict[str, Any] = {}
+        with self.clock.measure(LOOP_KEY):
+            if self.needs_inputs:
+                assert state.samples is not None, "contracts: the loop's inputs need samples"
+                x, kw = capture_layer_inputs(state.model, layers[0], state.samples)
+                hidden, kwargs = x.to(ctx.device), to_device(kw, ctx.device)
+            first, restored = self.resume.restore(state, n_layers, self._restore_layer(prefix))
+        if restored is not None:
+            hidden = restored.to(ctx.device)
+        tokens = recipe.dataset.num_samples * recipe.dataset.seq_len if self.needs_inputs else 0
+        bar = LayerProgress(range(first, n_layers), n_layers, state.progress, tokens)
+        for index in bar:
+            layer = LayerRun(
+                state,
+                index,
+                f"{prefix}.{index}",
+                layers[index],
+                self._targets(layers[index], f"{prefix}.{index}", recipe),
+                inputs=hidden,
+                kwargs=kwargs,
+            )
+            timer = _Timer()
+            start = time.perf_counter()
+            self._process(layer, timer)
+            seconds = time.perf_counter() - start
+            self.clock.add(LOOP_KEY, seconds - timer.total(), 0)
+            for sid, (wall, _) in timer.seconds.items():
+                self.clock.add(sid, wall, 0)
+            self._report(layer, seconds, timer)
+            bar.layer_done(seconds)
+            hidden = layer.outputs
+            self.resume.after_layer(state, layer, self.stages, n_layers)
+        if self.resume.write_seconds:
+            self.clock.add("resume-point", self.resume.write_seconds, 0)
+        rss = peak_rss()
+        for sid in (LOOP_KEY, *(sid for sid, _ in self.stages)):
+            self.clock.add(sid, 0.0, rss)
+
+    @staticmethod
+    def _targets(module: nn.Module, name: str, recipe: Any) -> dict[str, nn.Module]:
+        scheme = recipe.scheme
+        return dict(target_linears(module, name, scheme.targets, scheme.ignore))
+
+    def _process(self, layer: LayerRun, timer: _Timer) -> None:
+        """One layer: before_layer hooks, the forward with group hooks, after_layer hooks."""
+        ctx = self.ctx
+        layer.module.to(ctx.device)
+        try:
+            for sid, stage in self.stages:
+                with timer.time(sid):
+                    stage.before_layer(layer, ctx)
+            if self.needs_inputs:
+                self._forward(layer, timer)
+            else:
+                for name, module in layer.targets.items():
+                    self._group(layer, [name], [module], None, timer)
+            for sid, stage in self.stages:
+                with timer.time(sid):
+                    stage.after_layer(layer, ctx)
+        finally:
+            layer.module.to("cpu")
+
+    def _group(
+        self,
+        layer: LayerRun,
+        names: list[str],
+        modules: list[nn.Module],
+        inputs: torch.Tensor | None,
+        timer: _Timer,
+    ) -> None:
+        group = GroupRun(layer, len(layer.groups), names, modules, inputs=inputs)
+        layer.groups.append(group)
+        for sid, stage in self.stages:
+            with timer.time(sid):
+                stage.on_group(group, self.ctx)
+
+    def _forward(self, layer: LayerRun, timer: _Timer) -> None:
+        """The layer's forward over this rank's samples; each group's hooks at its first call."""
+        assert layer.inputs is not None
+        groups = self._groups(layer)
+        group_of = {layer.targets[n]: gi for gi, g in enumerate(groups) for n in g}
+        done: set[int] = set()
+
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            gi = group_of[mod]
+            if gi not in done:
+                done.add(gi)
+                names = groups[gi]
+                self._group(layer, names, [layer.targets[n] for n in names], args[0], timer)
+
+        handles = [m.register_forward_pre_hook(hook) for m in group_of]
+        try:
+            with per_sample_linears(layer.module), torch.inference_mode():
+                out = layer.module(layer.inputs, **layer.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        hidden = out[0] if isinstance(out, tuple) else out
+        # Inputs are checked through the group Hessians; this catches NaN/Inf that first
+        # appear after the layer's last target module (e.g. the final residual add).
+        if bad := count_nonfinite(hidden):
+            raise GptqflowError(
+                f"layer {layer.index} ({layer.name}): its outputs have {bad} NaN/Inf values "
+                f"(rank {self.ctx.rank}'s calibration samples); check the model's weights and dtype"
+            )
+        layer.outputs = hidden
+        layer.state.tokens_calibrated += int(layer.inputs.shape[0] * layer.inputs.shape[1])
+
+    def _groups(self, layer: LayerRun) -> list[list[str]]:
+        """The layer's groups, traced once per kind of layer (class + targeted names).
+
+        Layers of one class with the same targeted modules share their data flow, so
+        the one-sample tracing forward runs for the first such layer only.
+        """
+        if not layer.targets:
+            return []
+        cut = len(layer.name) + 1
+        key = (type(layer.module), tuple(n[cut:] for n in layer.targets))
+        if key not in self._group_cache:
+            assert layer.inputs is not None
+            traced = trace_groups(layer.module, layer.inputs[:1], layer.kwargs, layer.targets)
+            self._group_cache[key] = [[n[cut:] for n in g] for g in traced]
+        return [[f"{layer.name}.{n}" for n in g] for g in self._group_cache[key]]
+
+    def _restore_layer(self, prefix: str) -> Any:
+        """Rebuilds a finished layer from a resume point: each stage reapplies its part."""
+
+        def restore(state: PipelineState, index: int, saved: dict[str, Any]) -> None:
+            module = decoder_layers(state.model)[1][index]
+            name = f"{prefix}.{index}"
+            layer = LayerRun(state, index, name, module, self._targets(module, name, state.recipe))
+            for sid, stage in self.stages:
+                if sid in saved:
+                    stage.restore_layer(layer, saved[sid], self.ctx)
+
+        return restore
+
+    # -------------------------------------------------------------- report
+    def _report(self, layer: LayerRun, seconds: float, timer: _Timer) -> None:
+        """Every rank's seconds per stage for this layer, and the load imbalance of the work.
+
+        ``imbalance`` is max / mean of the ranks' wall seconds in the stages whose group
+        work the ranks divide (``Stage.BALANCED_WORK``): what the slowest rank makes the
+        others wait. ``busy_imbalance`` is the same ratio of CPU seconds: the work the
+        plan gave each rank, without the time a rank lost to other processes on its core.
+        """
+        ranks = self.ctx.gather_objects(timer.seconds)
+        balanced = [sid for sid, s in self.stages if s.BALANCED_WORK]
+        work = [sum(r.get(sid, [0.0, 0.0])[0] for sid in balanced) for r in ranks]
+        work_cpu = [sum(r.get(sid, [0.0, 0.0])[1] for sid in balanced) for r in ranks]
+        entry: dict[str, Any] = {
+            "index": layer.index,
+            "seconds": seconds,
+            "work_seconds": work,
+            "imbalance": _imbalance(work),
+            "work_cpu_seconds": work_cpu,
+            "busy_imbalance": _imbalance(work_cpu),
+            "stages": {
+                sid: {
+                    "seconds": [r.get(sid, [0.0, 0.0])[0] for r in ranks],
+                    "cpu_seconds": [r.get(sid, [0.0, 0.0])[1] for r in ranks],
+                }
+                for sid, _ in self.stages
+            },
+            **layer.report,
+        }
+        layer.state.layer_reports.append(entry)
+        log.info(
+            "layer %d done (%d/%d) in %.2fs (imbalance %.3f)",
+            layer.index,
+            layer.index + 1,
+            self.n_layers,
+            seconds,
+            entry["imbalance"],
+        )
