@@ -106,7 +106,11 @@ def recipe_hash(data: dict[str, Any]) -> str:
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": [1]}}`` -> ``{"a.b[0]": 1}``: key paths a user can override."""
+    """``{"a": {"b": [1]}}`` -> ``{"a.b[0]": 1}``: key paths a user can override.
+
+    A stage entry (a dict with its ``id``) is named by its key, as in the recipe:
+    ``stages.solve.dampening``, not its position in the list.
+    """
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for k, v in obj.items():
@@ -115,7 +119,11 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, list):
         out = {}
         for i, v in enumerate(obj):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
+            if isinstance(v, dict) and isinstance(v.get("id"), str):
+                fields = {k: x for k, x in v.items() if k != "id"}
+                out.update(_flatten(fields, f"{prefix}.{v['id']}"))
+            else:
+                out.update(_flatten(v, f"{prefix}[{i}]"))
         return out
     return {prefix: obj}
 
@@ -125,6 +133,9 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     a, b = _flatten(saved), _flatten(current)
     missing = object()
     out = []
+    order = [[s.get("id") for s in r.get("stages", [])] for r in (saved, current)]
+    if order[0] != order[1] and set(order[0]) == set(order[1]):
+        out.append(f"stages (order): {order[0]} in the resume point, {order[1]} now")
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key, missing), b.get(key, missing)
         if va != vb:
