@@ -21,8 +21,8 @@ def _rank(
     import torch
 
     torch.set_num_threads(1)
-    from gptqflow.framework.api import execute
     from gptqflow.errors import GptqflowError
+    from gptqflow.framework.api import execute
     from gptqflow.framework.launcher import run_rank
     from gptqflow.stages.solve import SolveStage
 

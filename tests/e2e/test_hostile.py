@@ -444,8 +444,8 @@ def test_eval_command_checks_the_model_dir_too(
 def test_non_finite_layer_outputs_are_named(model: Path, tmp_path: Path) -> None:
     """NaN that no Hessian sees (an unquantized down_proj of the last layer) is caught at
     the layer's output."""
-    from gptqflow.framework.api import execute
     from gptqflow.errors import GptqflowError
+    from gptqflow.framework.api import execute
 
     _edit_weight(model, "model.layers.1.mlp.down_proj.weight", (0, 0), float("nan"))
     out = tmp_path / "out"

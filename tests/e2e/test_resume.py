@@ -22,14 +22,17 @@ import pytest
 from gptqflow.framework.compose import compose_recipe
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.resume import (
+    FORMAT,
     MANIFEST,
     RESUME_DIR,
     ResumeError,
     ResumePoints,
     checkpoint_interval,
+    recipe_differences,
 )
 from gptqflow.framework.runner import Runner
 from gptqflow.framework.schema import validate_recipe
+from gptqflow.framework.state import GroupRun, LayerRun
 
 SMALL = [
     "dataset.num_samples=4",
@@ -61,9 +64,11 @@ def crash_after_point(layers_done: int) -> Iterator[None]:
     """Raise _Crash as soon as the resume point covering ``layers_done`` layers is on disk."""
     original = ResumePoints.after_layer
 
-    def after_layer(self: ResumePoints, state: Any, done: int, n_layers: int) -> None:
-        original(self, state, done, n_layers)
-        if done == layers_done:
+    def after_layer(
+        self: ResumePoints, state: Any, layer: LayerRun, stages: Any, n_layers: int
+    ) -> None:
+        original(self, state, layer, stages, n_layers)
+        if layer.index + 1 == layers_done:
             raise _Crash
 
     ResumePoints.after_layer = after_layer  # type: ignore[method-assign]
@@ -105,9 +110,12 @@ def interrupted(crashed: Path, tmp_path: Path) -> Path:
 
 def test_crashed_run_left_a_point_after_layer_1(crashed: Path) -> None:
     m = manifest(crashed)
+    assert m["format"] == FORMAT == 2
     assert m["layers_done"] == 1 and m["num_layers"] == 3 and m["world_size"] == 1
     assert [r["index"] for r in m["layer_reports"]] == [0]
-    assert m["perplexity"]["baseline"] is not None
+    assert [e["file"] for e in m["layers"]] == ["layers-00000-00001.pt"]
+    assert m["results"]["baseline"]["baseline"] is not None  # the baseline stage's result
+    assert not {"quantized", "quant_args", "perplexity"} & set(m)
     assert not (crashed / "checkpoint").exists()
     assert json.loads((crashed / "report.json").read_text())["status"] == "failed"
 
@@ -122,7 +130,8 @@ def test_resume_is_byte_identical_to_an_uninterrupted_run(
     assert report["perplexity"] == ref_report["perplexity"]
     assert [r["index"] for r in report["layers"]] == [0, 1, 2]
     assert report["resumed_after_layers"] == 1 and ref_report["resumed_after_layers"] is None
-    assert "evaluate" not in report["stages"], "the baseline comes from the resume point"
+    assert "baseline" not in report["stages"], "the baseline comes from the resume point"
+    assert "quantized" in report["stages"]
     assert not (interrupted / RESUME_DIR).exists(), "deleted after a successful run"
     assert not (ref_dir / RESUME_DIR).exists()
 
@@ -148,9 +157,9 @@ def test_partial_resume_point_is_ignored(
 ) -> None:
     """Files of the point after layer 2 whose manifest was never written: garbage, ignored."""
     d = interrupted / RESUME_DIR
-    (d / "quantized-00001-00002.pt").write_bytes(b"\x80truncated")
+    (d / "layers-00001-00002.pt").write_bytes(b"\x80truncated")
     (d / "hidden-00002-rank00000.pt").write_bytes(b"")
-    (d / f".{MANIFEST}.tmp-4242").write_text('{"format": 1, "layers_done": 2')
+    (d / f".{MANIFEST}.tmp-4242").write_text('{"format": 2, "layers_done": 2')
     run(tiny_llama3_dir, interrupted, "runtime.resume=true")
     assert (interrupted / WEIGHTS).read_bytes() == (reference[0] / WEIGHTS).read_bytes()
 
@@ -161,7 +170,7 @@ def test_point_without_manifest_starts_over(
 ) -> None:
     (interrupted / RESUME_DIR / MANIFEST).unlink()
     report = run(tiny_llama3_dir, interrupted, "runtime.resume=true")
-    assert "evaluate" in report["stages"], "nothing to resume from: the baseline is measured"
+    assert "baseline" in report["stages"], "nothing to resume from: the baseline is measured"
     assert (interrupted / WEIGHTS).read_bytes() == (reference[0] / WEIGHTS).read_bytes()
 
 
@@ -169,11 +178,36 @@ def test_other_recipe_is_refused_naming_the_differences(
     tiny_llama3_dir: Path, interrupted: Path
 ) -> None:
     with pytest.raises(ResumeError) as err:
-        run(tiny_llama3_dir, interrupted, "runtime.resume=true", "scheme=w3a16")
+        run(
+            tiny_llama3_dir,
+            interrupted,
+            "runtime.resume=true",
+            "scheme=w3a16",
+            "stages.solve.dampening=0.05",
+        )
     text = str(err.value)
     assert "scheme.bits: 4 in the resume point, 3 now" in text
-    assert "stages[5].bits: 4 in the resume point, 3 now" in text
+    # A stage's setting is named by its key in the stages mapping, as it is overridden.
+    assert "stages.solve.dampening: 0.01 in the resume point, 0.05 now" in text
+    assert "stages[" not in text
     assert manifest(interrupted)["layers_done"] == 1, "a refused resume leaves the point alone"
+
+
+def test_recipe_differences_name_stages_by_key_and_see_their_order() -> None:
+    solve = {"id": "solve", "stage": "solve", "dampening": 0.01}
+    save = {"id": "save", "stage": "save", "subdir": "checkpoint"}
+    saved = {"scheme": {"bits": 4}, "stages": [solve, save]}
+    assert recipe_differences(saved, saved) == []
+    changed = {"scheme": {"bits": 4}, "stages": [{**solve, "dampening": 0.05}, save]}
+    assert recipe_differences(saved, changed) == [
+        "stages.solve.dampening: 0.01 in the resume point, 0.05 now"
+    ]
+    (line,) = recipe_differences(saved, {**saved, "stages": [save, solve]})
+    assert line.startswith("stages (order): ['solve', 'save'] in the resume point")
+    assert recipe_differences(saved, {**saved, "stages": [solve]}) == [
+        'stages.save.stage: "save" in the resume point, (absent) now',
+        'stages.save.subdir: "checkpoint" in the resume point, (absent) now',
+    ]
 
 
 @pytest.mark.slow
@@ -206,7 +240,7 @@ def test_existing_point_needs_resume_or_overwrite(tiny_llama3_dir: Path, interru
     ):
         run(tiny_llama3_dir, interrupted)
     report = run(tiny_llama3_dir, interrupted, "overwrite=true")
-    assert "evaluate" in report["stages"], "overwrite=true starts over"
+    assert "baseline" in report["stages"], "overwrite=true starts over"
     assert not (interrupted / RESUME_DIR).exists()
 
 
@@ -224,8 +258,8 @@ def test_no_points_by_default_for_small_models(tiny_llama3_dir: Path, tmp_path: 
     seen: list[int] = []
     original = ResumePoints.after_layer
 
-    def spy(self: ResumePoints, state: Any, done: int, n_layers: int) -> None:
-        original(self, state, done, n_layers)
+    def spy(self: ResumePoints, state: Any, layer: LayerRun, stages: Any, n_layers: int) -> None:
+        original(self, state, layer, stages, n_layers)
         seen.append(int((self.dir / MANIFEST).exists()))
 
     ResumePoints.after_layer = spy  # type: ignore[method-assign]
@@ -258,16 +292,16 @@ def test_solve_fallbacks_before_the_crash_are_reported(
     """Modules rounded to nearest (scheme.on_failure=rtn) in layer 0 stay in report.json."""
     from gptqflow.stages import solve
 
-    original = solve.SolveStage.run_step
+    original = solve.SolveStage.on_group
 
-    def indefinite_mlp(self: Any, state: Any, step: Any, ctx: Any) -> None:
-        if step.names[0].endswith("mlp.gate_proj"):
-            assert step.full_hessian is not None
-            step.full_hessian = step.full_hessian.clone()
-            step.full_hessian[0, 0] = -1e9  # no dampening outweighs it: GPTQ fails, RTN is used
-        original(self, state, step, ctx)
+    def indefinite_mlp(self: Any, group: GroupRun, ctx: Any) -> None:
+        if group.names[0].endswith("mlp.gate_proj"):
+            assert group.reduced_hessian is not None
+            group.reduced_hessian = group.reduced_hessian.clone()
+            group.reduced_hessian[0, 0] = -1e9  # no dampening outweighs it: GPTQ fails, RTN is used
+        original(self, group, ctx)
 
-    monkeypatch.setattr(solve.SolveStage, "run_step", indefinite_mlp)
+    monkeypatch.setattr(solve.SolveStage, "on_group", indefinite_mlp)
     with crash_after_point(1), pytest.raises(_Crash):
         run(tiny_llama3_dir, tmp_path, "scheme.on_failure=rtn", "dataset.eval_tokens=0")
     report = run(

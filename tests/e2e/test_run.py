@@ -41,20 +41,24 @@ def test_run_writes_checkpoint_report_and_recipe(tiny_run: tuple[Path, Runner]) 
     for name in (
         "load",
         "partition",
+        "baseline",
+        "layer-loop",
         "calibrate",
         "hessian-reduce",
         "solve",
         "broadcast",
+        "quantized",
         "save",
-        "evaluate",
     ):
         assert report["stages"][name]["seconds"] >= 0
         assert report["stages"][name]["peak_rss_bytes"] > 0
+    assert "evaluate" not in report["stages"]  # keyed by stage id, not by stage name
     ppl = report["perplexity"]
     assert 1 < ppl["baseline"] < 1e4 and 1 < ppl["quantized"] < 1e4
     assert [layer["index"] for layer in report["layers"]] == [0, 1]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["scheme"]["bits"] == 4 and recipe["stages"][0]["stage"] == "load"
+    assert recipe["scheme"]["bits"] == 4 and next(iter(recipe["stages"])) == "load"
+    assert recipe["stages"]["quantized"]["stage"] == "evaluate"
     config = json.loads((out / "checkpoint" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
 

@@ -113,7 +113,7 @@ def test_frozen_heap_keeps_the_collector_off_old_objects_and_still_collects_new_
     import gc
     import weakref
 
-    from gptqflow.framework.runner import frozen_heap
+    from gptqflow.framework.layerloop import frozen_heap
 
     class Node:
         def __init__(self) -> None:

@@ -112,7 +112,7 @@ def test_output_dir_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert problem is not None and "is not writable by this user (permission denied)" in problem
 
 
-def test_lint_reports_an_unsupported_architecture_at_the_load_path(tmp_path: Path) -> None:
+def test_lint_reports_an_unsupported_architecture_at_the_model_path(tmp_path: Path) -> None:
     """Lint reads config.json (never the weights) when the model dir exists."""
     from gptqflow.framework.compose import compose_recipe
     from gptqflow.framework.preflight import model_problems
@@ -122,7 +122,7 @@ def test_lint_reports_an_unsupported_architecture_at_the_load_path(tmp_path: Pat
     (d / "config.json").write_text(json.dumps({"model_type": "t5"}))
     recipe = validate_recipe(compose_recipe("gptq_w4a16", [f"model.path={d}", "output_dir=/o"]))
     (problem,) = model_problems(recipe, require_model=False)
-    assert problem.path == "stages[0](load).path"
+    assert problem.path == "model.path"
     assert "model_type='t5' is not an architecture" in problem.message
     # A run also needs weights; lint does not look at them.
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -17,10 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from gptqflow.framework.distributed import DistContext
 from gptqflow.errors import GptqflowError
+from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.runner import format_summary, merge_fallbacks
-from gptqflow.framework.state import GroupStep, PipelineState
+from gptqflow.framework.schema import DatasetGroup, ModelGroup, Recipe, SchemeGroup
+from gptqflow.framework.state import GroupRun, LayerRun, PipelineState
 from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.numerics import all_finite, count_nonfinite
 from gptqflow.gptq.plan import split_rows
@@ -34,7 +35,21 @@ COLS = 64
 NAMES = ["model.layers.3.mlp.gate_proj", "model.layers.3.mlp.up_proj"]
 
 
-def _step(seed: int = 0) -> GroupStep:
+def _recipe(on_failure: str = "error") -> Recipe:
+    """W4, group 32, static act-order: the scheme group the solve stage reads."""
+    scheme = SchemeGroup(
+        name="w4a16", bits=4, group_size=32, actorder="static", on_failure=on_failure
+    )
+    return Recipe(
+        output_dir=".",
+        model=ModelGroup(path="."),
+        dataset=DatasetGroup(calibration_file="c.txt", eval_file="e.txt"),
+        scheme=scheme,
+        stages=[],
+    )
+
+
+def _step(seed: int = 0, on_failure: str = "error") -> GroupRun:
     """Layer 3's gate/up group: two Linears (48 and 16 rows) and their reduced Hessian."""
     gen = torch.Generator().manual_seed(seed)
     modules = []
@@ -45,23 +60,31 @@ def _step(seed: int = 0) -> GroupStep:
     x = torch.randn(256, COLS, generator=gen) @ torch.randn(COLS, COLS, generator=gen)
     hs = HessianSum.zeros(COLS)
     hs.add(x)
-    step = GroupStep(3, 1, list(NAMES), modules, hs)
-    step.plan = split_rows(step.rows, 1)
-    step.full_hessian = hs.finalize()
+    state = PipelineState(recipe=_recipe(on_failure), output_dir=Path("."))
+    layer = LayerRun(state, 3, "model.layers.3", nn.Module(), dict(zip(NAMES, modules)))
+    step = GroupRun(layer, 1, list(NAMES), modules, hessian=hs)
+    layer.groups.append(step)
+    step.reduced_hessian = hs.finalize()
     return step
 
 
-def _solve(step: GroupStep, **config: Any) -> PipelineState:
-    cfg = SolveConfig(bits=4, group_size=32, actorder="static", **config)
-    state = PipelineState(recipe=None, output_dir=Path("."))  # type: ignore[arg-type]
-    SolveStage(cfg).run_step(state, step, DistContext())
+def _run_solve(step: GroupRun, ctx: DistContext, **config: Any) -> PipelineState:
+    """The solve stage's hooks on ``step``'s layer and group, as the layer loop calls them."""
+    state = step.layer.state
+    stage = SolveStage(SolveConfig(id="solve", **config), state.recipe)
+    stage.before_layer(step.layer, ctx)
+    stage.on_group(step, ctx)
     return state
 
 
-def _make_indefinite(step: GroupStep) -> None:
+def _solve(step: GroupRun, **config: Any) -> PipelineState:
+    return _run_solve(step, DistContext(), **config)
+
+
+def _make_indefinite(step: GroupRun) -> None:
     """A negative diagonal entry: no dampening (a multiple of the mean diagonal) fixes it."""
-    assert step.full_hessian is not None
-    step.full_hessian[5, 5] = -1e6
+    assert step.reduced_hessian is not None
+    step.reduced_hessian[5, 5] = -1e6
 
 
 def test_healthy_group_solves_without_fallback() -> None:
@@ -72,11 +95,11 @@ def test_healthy_group_solves_without_fallback() -> None:
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_hessian_names_layer_and_modules(value: float) -> None:
-    step = _step()
-    assert step.full_hessian is not None
-    step.full_hessian[7, 2] = value
+    step = _step(on_failure="rtn")
+    assert step.reduced_hessian is not None
+    step.reduced_hessian[7, 2] = value
     with pytest.raises(GptqflowError) as info:
-        _solve(step, on_failure="rtn")  # never "fixed" by rounding: the inputs are broken
+        _solve(step)  # never "fixed" by rounding: the inputs are broken
     msg = str(info.value)
     assert msg.startswith(f"layer 3, {NAMES[0]}, {NAMES[1]}: the Hessian has 1 NaN/Inf entries")
     assert "activations entering these modules" in msg
@@ -106,10 +129,10 @@ def test_indefinite_hessian_error_names_module_and_dampening_tried() -> None:
 def test_rtn_fallback_rounds_every_module_of_the_group_and_records_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    step = _step()
+    step = _step(on_failure="rtn")
     _make_indefinite(step)
     with caplog.at_level("WARNING", logger="gptqflow"):
-        state = _solve(step, on_failure="rtn", max_damp_retries=2)
+        state = _solve(step, max_damp_retries=2)
     args = QuantArgs(bits=4, group_size=32, actorder="static", observer="mse")
     for m, mod in enumerate(step.modules):
         expected = rtn_quantize(mod.weight.data, args)
@@ -124,18 +147,18 @@ def test_rtn_fallback_rounds_every_module_of_the_group_and_records_it(
 def test_every_rank_makes_the_same_fallback_decision() -> None:
     """Split over two ranks, each rank decides from the same reduced Hessian: together
     they record every module once, and their slices are the rows of the 1-rank result."""
-    one = _step()
+    one = _step(on_failure="rtn")
     _make_indefinite(one)
-    whole = _solve(one, on_failure="rtn")
+    whole = _solve(one)
     fallbacks, rows = [], {}
     for rank in (0, 1):
-        step = _step()
+        step = _step(on_failure="rtn")
         _make_indefinite(step)
-        step.plan = split_rows(step.rows, 2)
+        # Equal rows over both ranks: the plan split_rows(rows, 2) gives.
+        ctx = DistContext(rank=rank, world_size=2)
+        state = _run_solve(step, ctx, planner="even", min_rows_per_rank=1)
+        assert step.plan == split_rows(step.rows, 2)
         assert {s.rank for s in step.plan} == {0, 1}
-        state = PipelineState(recipe=None, output_dir=Path("."))  # type: ignore[arg-type]
-        cfg = SolveConfig(bits=4, group_size=32, actorder="static", on_failure="rtn")
-        SolveStage(cfg).run_step(state, step, DistContext(rank=rank, world_size=2))
         fallbacks.append(state.fallbacks)
         rows.update(step.results)
     assert merge_fallbacks(fallbacks) == merge_fallbacks([whole.fallbacks])
@@ -185,8 +208,8 @@ def test_dead_columns_have_no_influence_on_the_other_columns(actorder: ActOrder)
     zero) gets weight 0, and whatever weights it held change nothing else, not even the
     scales of the group it belongs to."""
     step = _step()
-    assert step.full_hessian is not None
-    h = step.full_hessian.clone()
+    assert step.reduced_hessian is not None
+    h = step.reduced_hessian.clone()
     dead = torch.tensor([3, 40])
     h[dead, :] = 0
     h[:, dead] = 0

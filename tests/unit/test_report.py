@@ -57,26 +57,26 @@ def _rows(text: str) -> list[dict[str, str]]:
 def test_rows_in_natural_order_with_union_of_stage_columns(tmp_path: Path) -> None:
     for i in (10, 2, 1):
         _run(tmp_path / str(i), _report(bits=i))
-    stages = {"load": {"seconds": 0.5}, "evaluate": {"seconds": 3.0}}
+    stages = {"load": {"seconds": 0.5}, "quantized": {"seconds": 3.0}}
     _run(tmp_path / "sub" / "0", _report(stages=stages))
     (tmp_path / "1" / "checkpoint").mkdir()  # inside a run: never searched
     (tmp_path / "1" / "checkpoint" / "report.json").write_text("{}")
     report = collect(tmp_path)
     assert [r.run for r in report.rows] == ["1", "2", "10", "sub/0"]
-    assert report.stages == ["load", "solve", "evaluate"]
+    assert report.stages == ["load", "solve", "quantized"]
     rows = _rows(to_csv(report))
     assert list(rows[0])[-6:] == [
         "load s",
         "solve s",
-        "evaluate s",
+        "quantized s",
         "total s",
         "peak RSS GiB",
         "error",
     ]
     assert [r["bits"] for r in rows] == ["1", "2", "10", "4"]
     first, last = rows[0], rows[3]
-    assert first["solve s"] == "7.25" and first["evaluate s"] == ""
-    assert last["solve s"] == "" and last["evaluate s"] == "3.00"
+    assert first["solve s"] == "7.25" and first["quantized s"] == ""
+    assert last["solve s"] == "" and last["quantized s"] == "3.00"
     assert first["ppl baseline"] == "20.0000" and first["ppl quantized"] == "22.1235"
     assert first["peak RSS GiB"] == "1.500"  # the largest rank, not rank 0
     assert first["total s"] == "12.50" and first["world size"] == "1"

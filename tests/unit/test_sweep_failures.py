@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gptqflow.cli import main
-from gptqflow.framework import launcher
 from gptqflow.errors import GptqflowError
+from gptqflow.framework import launcher
 
 
 def _sweep(tmp_path: Path, *extra: str) -> list[str]:
