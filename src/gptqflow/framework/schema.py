@@ -1,4 +1,4 @@
-"""The recipe schema: config groups, the stage list as one discriminated union, order rules.
+"""The recipe schema: config groups, the ``stages`` mapping (one discriminated union), contracts.
 
 This is the one validation boundary. Hydra composes and resolves a recipe; then
 :func:`validate_recipe` turns the plain dict into a frozen :class:`Recipe` or raises
@@ -169,6 +169,16 @@ class RuntimeGroup(_Group):
     )
 
 
+#: The config groups by name: ``recipes/<name>/`` holds a group's options (files), and
+#: ``<name>.<key>`` sets one of its keys in a recipe or on the command line.
+GROUPS: dict[str, type[BaseModel]] = {
+    "model": ModelGroup,
+    "dataset": DatasetGroup,
+    "scheme": SchemeGroup,
+    "runtime": RuntimeGroup,
+}
+
+
 class Recipe(_Group):
     """A fully composed recipe: config groups, run settings and the stage list."""
 
@@ -298,7 +308,8 @@ def _stage_entries(stages_raw: Any) -> tuple[list[tuple[str, Any]], list[Problem
     ``stages`` is a mapping from a stage id (the key report.json uses) to the stage's
     fields, so a derived recipe or an override changes one stage by its key
     (``stages.solve.dampening=0.05``) and Hydra merges it; ``null`` (or ``~stages.KEY``
-    on the command line) removes an entry. ``stage:`` defaults to the key.
+    on the command line) removes an entry; ``after: ID`` places an entry behind another.
+    ``stage:`` defaults to the key.
     """
     if not isinstance(stages_raw, Mapping):
         kind = type(stages_raw).__name__
@@ -326,7 +337,39 @@ def _stage_entries(stages_raw: Any) -> tuple[list[tuple[str, Any]], list[Problem
             problems.append(Problem(f"stages.{key}.id", "the stage id is its key; remove 'id'"))
             continue
         entries.append((str(key), {"stage": str(key), **entry, "id": str(key)}))
-    return entries, problems
+    return _place_after(entries, problems)
+
+
+def _place_after(
+    entries: list[tuple[str, Any]], problems: list[Problem]
+) -> tuple[list[tuple[str, Any]], list[Problem]]:
+    """Move each entry with ``after: ID`` right behind entry ``ID``.
+
+    Hydra keeps a merged mapping in the base recipe's order and appends new keys, so a
+    derived recipe (or ``+stages.KEY...`` on the command line) places a new stage with
+    ``after:``; several entries after one stage keep their own order.
+    """
+    order = [key for key, _ in entries]
+    moved: list[tuple[str, Any]] = []
+    for key, entry in entries:
+        if (target := entry.pop("after", None)) is not None:
+            moved.append((key, target))
+    placed: dict[str, set[str]] = {}  # target -> entries already placed behind it
+    for key, target in moved:
+        if target not in order or target == key:
+            others = ", ".join(k for k in order if k != key)
+            problems.append(
+                Problem(f"stages.{key}.after", f"no stage {target!r} to follow; stages: {others}")
+            )
+            continue
+        order.remove(key)
+        at = order.index(target) + 1
+        while at < len(order) and order[at] in placed.get(target, ()):
+            at += 1
+        order.insert(at, key)
+        placed.setdefault(target, set()).add(key)
+    by_key = dict(entries)
+    return [(k, by_key[k]) for k in order], problems
 
 
 def validate_recipe(raw: Mapping[str, Any], *, file: str | None = None) -> Recipe:
