@@ -241,7 +241,8 @@ class LayerLoop:
                 f"(rank {self.ctx.rank}'s calibration samples); check the model's weights and dtype"
             )
         layer.outputs = hidden
-        layer.state.tokens_calibrated += int(layer.inputs.shape[0] * layer.inputs.shape[1])
+        # Every layer sees the same samples: the rank's calibration tokens, not a sum over layers.
+        layer.state.tokens_calibrated = int(layer.inputs.shape[0] * layer.inputs.shape[1])
 
     def _groups(self, layer: LayerRun) -> list[list[str]]:
         """The layer's groups, traced once per kind of layer (class + targeted names).
