@@ -198,14 +198,15 @@ def test_pickle_is_never_read_when_safetensors_exist(
 
 def test_recipes_default_to_no_remote_code_and_no_pickle(tiny_llama_dir: Path) -> None:
     for name in ("gptq_w4a16", "rtn_w4a16"):
-        load = compose_recipe(name, [f"model.path={tiny_llama_dir}"])["stages"][0]
-        assert load["stage"] == "load"
-        assert load["trust_remote_code"] is False and load["allow_pickle"] is False
-    load = compose_recipe(
+        resolved = compose_recipe(name, [f"model.path={tiny_llama_dir}"])
+        assert next(iter(resolved["stages"])) == "load"  # the model group's one reader
+        model = resolved["model"]
+        assert model["trust_remote_code"] is False and model["allow_pickle"] is False
+    model = compose_recipe(
         "gptq_w4a16",
         [f"model.path={tiny_llama_dir}", "model.trust_remote_code=true", "model.allow_pickle=true"],
-    )["stages"][0]
-    assert load["trust_remote_code"] is True and load["allow_pickle"] is True
+    )["model"]
+    assert model["trust_remote_code"] is True and model["allow_pickle"] is True
 
 
 # ----------------------------------------------------------------------- data
@@ -214,7 +215,7 @@ def test_recipes_default_to_no_remote_code_and_no_pickle(tiny_llama_dir: Path) -
 @pytest.mark.parametrize(
     ("content", "fragments"),
     [
-        (None, ["(partition).calibration_file", "does not exist"]),
+        (None, ["dataset.calibration_file", "does not exist"]),
         (b"", ["is empty"]),
         (b" \n\t\n", ["contains no text"]),
         (b"GGUF\x00\x01\x02\x03" * 64, ["looks like a binary file (NUL byte at byte offset 4)"]),
@@ -411,16 +412,16 @@ def _indefinite_mlp_hessians(monkeypatch: pytest.MonkeyPatch) -> None:
     -1e9, which no dampening can outweigh), as a calibration gone wrong would."""
     from gptqflow.stages import solve
 
-    original = solve.SolveStage.run_step
+    original = solve.SolveStage.on_group
 
-    def run_step(self: Any, state: Any, step: Any, ctx: Any) -> None:
-        if step.names[0].endswith("mlp.gate_proj"):
-            assert step.full_hessian is not None
-            step.full_hessian = step.full_hessian.clone()
-            step.full_hessian[0, 0] = -1e9
-        original(self, state, step, ctx)
+    def on_group(self: Any, group: Any, ctx: Any) -> None:
+        if group.names[0].endswith("mlp.gate_proj"):
+            assert group.reduced_hessian is not None
+            group.reduced_hessian = group.reduced_hessian.clone()
+            group.reduced_hessian[0, 0] = -1e9
+        original(self, group, ctx)
 
-    monkeypatch.setattr(solve.SolveStage, "run_step", run_step)
+    monkeypatch.setattr(solve.SolveStage, "on_group", on_group)
 
 
 def test_eval_command_checks_the_model_dir_too(
@@ -450,8 +451,7 @@ def test_non_finite_layer_outputs_are_named(model: Path, tmp_path: Path) -> None
     _edit_weight(model, "model.layers.1.mlp.down_proj.weight", (0, 0), float("nan"))
     out = tmp_path / "out"
     resolved = compose_recipe("gptq_w4a16", [f"model.path={model}", f"output_dir={out}", *SMALL])
-    calibrate = next(s for s in resolved["stages"] if s["stage"] == "calibrate")
-    calibrate["ignore"] = ["lm_head", "model.layers.1.mlp.down_proj"]
+    resolved["scheme"]["ignore"] = ["lm_head", "model.layers.1.mlp.down_proj"]
     with pytest.raises(
         GptqflowError, match=r"layer 1 \(model\.layers\.1\): its outputs have \d+ NaN"
     ):
