@@ -116,6 +116,15 @@ def test_stages_schema_and_lint_find_the_plugin(site: Path, recipes: Path, tmp_p
     assert clean.returncode == 0, clean.stdout + clean.stderr
 
 
+def test_plugin_stage_passes_the_conformance_suite(site: Path, tmp_path: Path) -> None:
+    got = _python(
+        site,
+        "import runpy; runpy.run_module('gptqflow.testing', run_name='__main__')",
+        cwd=tmp_path,
+    )
+    assert got.returncode == 0 and "ok: 9 stage(s) conform" in got.stdout, got.stdout + got.stderr
+
+
 def test_misplaced_plugin_stage_is_a_lint_error_at_its_line(
     site: Path, recipes: Path, tmp_path: Path
 ) -> None:
