@@ -12,10 +12,18 @@ from gptqflow.cli import main
 from gptqflow.framework.compose import recipes_dir
 from gptqflow.framework.lint import lint_paths
 from gptqflow.framework.schema import Problem
-from gptqflow.framework.yamlpos import Position, SourceMap, key_positions, parents
+from gptqflow.framework.yamlpos import (
+    Location,
+    Position,
+    Source,
+    SourceMap,
+    key_positions,
+    parents,
+)
 
-# A fully resolved recipe, as a run writes it (recipe.yaml), with three mistakes:
-# line 12 col 3 `dtyp` (typo), line 27 col 5 `bits: 5`, line 32 col 5 `stage: solv`.
+# A fully resolved recipe, as a run writes it (recipe.yaml), with four mistakes:
+# line 12 col 3 `dtyp` (typo), line 22 col 5 `dampening: 1.5`, line 25 col 32 `eval_tokens`
+# (a dataset key, not the stage's), line 28 col 3 `extra: {stage: solv}`.
 RESOLVED = """\
 output_dir: /tmp/out
 overwrite: false
@@ -31,24 +39,20 @@ dataset:
   dtyp: 64
 scheme: {name: w4a16, bits: 4, group_size: 128, symmetric: true, actorder: static}
 stages:
-  - stage: load
-    path: /nonexistent/model
-  - stage: partition
-    calibration_file: /data/valid.txt
-    num_samples: 8
-  - stage: calibrate
-  - stage: hessian-reduce
-  - stage: solve
-    group_size: 128
-    symmetric: true
-    actorder: static
-    observer: mse
-    bits: 5
-  - stage: broadcast
-  - stage: save
+  load: {}
+  partition: {}
+  baseline: {stage: evaluate}
+  calibrate: {}
+  hessian-reduce: {}
+  solve:
+    method: gptq
+    dampening: 1.5
+    block_size: 128
+  broadcast: {}
+  quantized: {stage: evaluate, eval_tokens: 64}
+  save:
     subdir: checkpoint
-  - {stage: evaluate, eval_file: /data/test.txt}
-  - stage: solv
+  extra: {stage: solv}
 """
 
 
@@ -65,16 +69,20 @@ def test_key_positions_of_mappings_lists_and_flow_style() -> None:
     pos = key_positions(RESOLVED)
     assert pos["model"] == Position(4, 1, "mapping")
     assert pos["model.dtype"] == Position(6, 3, "scalar", "float32")
-    assert pos["stages"].kind == "sequence" and (pos["stages"].line, pos["stages"].column) == (
-        14,
-        1,
-    )
-    assert (pos["stages[0]"].line, pos["stages[0]"].column) == (15, 5)  # after "- "
-    assert (pos["stages[4].bits"].line, pos["stages[4].bits"].column) == (27, 5)
+    assert pos["stages"] == Position(14, 1, "mapping")
+    assert pos["stages.load"] == Position(15, 3, "mapping")  # the stage's key
+    assert (pos["stages.solve.dampening"].line, pos["stages.solve.dampening"].column) == (22, 5)
     assert (pos["scheme.bits"].line, pos["scheme.bits"].column) == (13, 23)  # flow mapping
-    assert (pos["stages[7].eval_file"].line, pos["stages[7].eval_file"].column) == (31, 23)
+    eval_tokens = pos["stages.quantized.eval_tokens"]
+    assert (eval_tokens.line, eval_tokens.column) == (25, 32)
+    assert pos["stages.extra.stage"].value == "solv"
+    listed = key_positions("scheme:\n  targets:\n    - q_proj\n    - {re: x}\n")
+    assert listed["scheme.targets"].kind == "sequence"
+    assert (listed["scheme.targets[1]"].line, listed["scheme.targets[1]"].column) == (4, 7)
+    assert (listed["scheme.targets[1].re"].line, listed["scheme.targets[1].re"].column) == (4, 8)
     assert key_positions("") == {}
-    assert parents("stages[4].bits") == ["stages[4]", "stages"]
+    assert parents("stages.solve.dampening") == ["stages.solve", "stages"]
+    assert parents("scheme.targets[1]") == ["scheme.targets", "scheme"]
 
 
 def test_resolved_recipe_problems_carry_line_and_column(tmp_path: Path) -> None:
@@ -84,18 +92,48 @@ def test_resolved_recipe_problems_carry_line_and_column(tmp_path: Path) -> None:
     typo = found["dataset.dtyp"]
     assert (typo.file, typo.line, typo.column) == (str(path), 12, 3)
     assert str(typo).startswith(f"{path}:12:3: dataset.dtyp: unknown key")
-    bits = found["stages[4](solve).bits"]
-    assert (bits.line, bits.column) == (27, 5)
-    assert str(bits) == (
-        f"{path}:27:5: stages[4](solve).bits: value 5 is not allowed; allowed: 2, 3, 4 or 8"
+    damp = found["stages.solve.dampening"]
+    assert (damp.line, damp.column) == (22, 5)
+    assert str(damp) == (
+        f"{path}:22:5: stages.solve.dampening: value 1.5: Input should be less than 1"
     )
-    stage = found["stages[8]"]  # the unknown stage: its entry
-    assert (stage.line, stage.column) == (32, 5) and "'solv'" in stage.message
+    eval_tokens = found["stages.quantized.eval_tokens"]  # inside a flow mapping
+    assert (eval_tokens.line, eval_tokens.column) == (25, 32)
+    stage = found["stages.extra"]  # the unknown stage: its entry's key
+    assert (stage.line, stage.column) == (28, 3) and "'solv'" in stage.message
     # A key that is missing points at the mapping it belongs in.
     missing = _by_path(_lint(_write(tmp_path, "m.yaml", RESOLVED.replace("  eval_file", "  #"))))
     eval_missing = missing["dataset.eval_file"]
     assert eval_missing.message == "required key is missing"
     assert (eval_missing.line, eval_missing.column) == (8, 1)  # `dataset:`
+
+
+def _fixed(text: str) -> str:
+    """RESOLVED without its mistakes."""
+    return (
+        text.replace("  dtyp: 64\n", "")
+        .replace("dampening: 1.5", "dampening: 0.01")
+        .replace(", eval_tokens: 64", "")
+        .replace("  extra: {stage: solv}\n", "")
+    )
+
+
+def test_resolved_recipe_without_mistakes_is_clean(tmp_path: Path) -> None:
+    assert _lint(_write(tmp_path, "ok.yaml", _fixed(RESOLVED))) == []
+
+
+def test_a_stage_before_its_requirement_points_at_the_stage(tmp_path: Path) -> None:
+    """The contracts: an unmet requirement is reported at the key of the stage that has it."""
+    text = _fixed(RESOLVED).replace("  hessian-reduce: {}\n", "")
+    text = text.replace("  broadcast:", "  hessian-reduce: {}\n  broadcast:")  # after solve
+    path = _write(tmp_path, "late.yaml", text)
+    (p,) = _lint(path)
+    line, col = _key(path, "solve:")
+    assert (p.file, p.path, p.line, p.column) == (str(path), "stages.solve", line, col)
+    assert str(p) == (
+        f"{path}:{line}:{col}: stages.solve: 'solve' requires 'group.reduced_hessian', which no "
+        "earlier stage provides (provided by: hessian-reduce); move it after one that does"
+    )
 
 
 def _write(directory: Path, name: str, text: str) -> Path:
@@ -139,12 +177,20 @@ def _line_col(path: Path, needle: str) -> tuple[int, int]:
     raise AssertionError(f"{needle!r} not in {path}")
 
 
+def _key(path: Path, key: str) -> tuple[int, int]:
+    """1-based line and column of the first line of ``path`` that starts with ``key``."""
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.lstrip().startswith(key):
+            return i, len(line) - len(line.lstrip()) + 1
+    raise AssertionError(f"no line starts with {key!r} in {path}")
+
+
 def test_composed_recipe_points_at_the_file_that_set_the_key(recipes_copy: Path) -> None:
     child = _write(
         recipes_copy,
         "child.yaml",
         "defaults:\n  - gptq_w4a16\n  - override scheme: w3a16\n  - _self_\n\n"
-        "scheme:\n  group_sise: 64\n",
+        "scheme:\n  group_sise: 64\nstages:\n  solve:\n    dampening: ${scheme.bits}\n",
     )
     scheme = recipes_copy / "scheme" / "w3a16.yaml"
     scheme.write_text(scheme.read_text().replace("bits: 3", "bits: 6"))
@@ -157,44 +203,102 @@ def test_composed_recipe_points_at_the_file_that_set_the_key(recipes_copy: Path)
     bits = found["scheme.bits"]  # set by the scheme option the child chose
     assert (bits.file, (bits.line, bits.column)) == (str(scheme), _line_col(scheme, "bits: 6"))
     assert bits.message.endswith(f"(composed into {child})")
-    # The stage field is `bits: ${scheme.bits}` in the parent: followed to the scheme file.
-    solve_bits = found["stages[5](solve).bits"]
-    assert (solve_bits.file, solve_bits.line) == (str(scheme), bits.line)
-    blok = found["stages[5](solve).blok_size"]  # set by the parent recipe's stage list
+    # The child's `dampening: ${scheme.bits}` is followed to the scheme file that set 6.
+    damp = found["stages.solve.dampening"]
+    assert (damp.file, damp.line) == (str(scheme), bits.line)
+    # The child merges into the parent's `solve` entry: the parent's keys stay the parent's.
+    blok = found["stages.solve.blok_size"]
     assert (blok.file, (blok.line, blok.column)) == (str(parent), _line_col(parent, "blok_size"))
+    assert blok.message.endswith(f"(composed into {child})")
 
 
-def test_a_replaced_stage_list_is_not_blamed_on_the_parent(recipes_copy: Path) -> None:
-    """Hydra replaces lists: problems in the child's `stages:` point into the child only."""
+def test_derived_recipe_problems_point_at_the_file_that_set_the_key(recipes_copy: Path) -> None:
+    """rtn_w4a16 sets `solve: {method: rtn}` over the parent's solve entry."""
+    rtn = recipes_copy / "rtn_w4a16.yaml"
+    rtn.write_text(rtn.read_text().replace("{method: rtn}", "{method: rtm}"))
+    parent = recipes_copy / "gptq_w4a16.yaml"
+    parent.write_text(parent.read_text().replace("dampening: 0.01", "dampening: 2"))
+    found = _by_path(_lint(rtn))
+    method = found["stages.solve.method"]
+    assert (method.file, (method.line, method.column)) == (str(rtn), _line_col(rtn, "method"))
+    assert "'rtm'" in method.message and "composed into" not in method.message
+    damp = found["stages.solve.dampening"]
+    assert (damp.file, (damp.line, damp.column)) == (str(parent), _key(parent, "dampening:"))
+    assert damp.message.endswith(f"(composed into {rtn})")
+
+
+def test_contract_violation_of_a_derived_recipe_points_at_the_stage_key(
+    recipes_copy: Path,
+) -> None:
+    """Removing a stage that another needs: the problem is at the needing stage's key."""
+    child = _write(
+        recipes_copy,
+        "noreduce.yaml",
+        "defaults:\n  - gptq_w4a16\n  - _self_\n\nstages:\n  hessian-reduce: null\n",
+    )
+    parent = recipes_copy / "gptq_w4a16.yaml"
+    (p,) = _lint(child)
+    assert (p.path, p.file, (p.line, p.column)) == (
+        "stages.solve",
+        str(parent),
+        _key(parent, "solve:"),
+    )
+    assert "'solve' requires 'group.reduced_hessian'" in p.message
+    assert "(provided by: hessian-reduce)" in p.message
+    assert p.message.endswith(f"(composed into {child})")
+    # A derived recipe that sets the needing stage itself: the problem is in that file.
+    gptq = _write(
+        recipes_copy,
+        "rtn_back_to_gptq.yaml",
+        "defaults:\n  - rtn_w4a16\n  - _self_\n\nstages:\n  solve: {method: gptq}\n",
+    )
+    (p,) = _lint(gptq)
+    assert (p.path, p.file, (p.line, p.column)) == ("stages.solve", str(gptq), (6, 3))
+    assert "'solve' requires 'group.reduced_hessian'" in p.message
+    assert "composed into" not in p.message
+
+
+def test_a_removed_stage_is_not_blamed_on_the_parent(recipes_copy: Path) -> None:
+    """`null` replaces the parent's entry: problems point into the child only."""
     parent = recipes_copy / "gptq_w4a16.yaml"
     parent.write_text(parent.read_text().replace("    block_size: 128", "    blok_size: 128"))
     child = _write(
         recipes_copy,
-        "short.yaml",
-        "defaults:\n  - gptq_w4a16\n  - _self_\n\nstages:\n  - stage: load\n"
-        "    path: ${model.path}\n  - stage: partition\n    num_samples: 4\n",
+        "rtn_only.yaml",
+        "defaults:\n  - gptq_w4a16\n  - _self_\n\nstages:\n  solve: null\n"
+        "  rtn:\n    stage: solve\n    method: rtn\n    dampning: 0.1\n",
     )
     found = _by_path(_lint(child))
-    missing = found["stages[1](partition).calibration_file"]
-    assert (missing.file, missing.line, missing.column) == (str(child), 8, 5)
-    assert not any("blok_size" in p for p in found)  # the parent's list is gone
-    load_path = found.get("stages[0](load).path")
-    assert load_path is None  # model.path is required on the command line, not a problem
+    typo = found["stages.rtn.dampning"]
+    assert (typo.file, typo.line, typo.column) == (str(child), 10, 5)
+    assert "did you mean 'dampening'" in typo.message
+    assert not any("blok_size" in p for p in found)  # the parent's solve entry is gone
 
 
-def test_problem_without_a_file_position_stays_unplaced(recipes_copy: Path) -> None:
-    """A problem no file sets (a prerequisite stage is absent) keeps its path, no position."""
-    child = _write(
-        recipes_copy,
-        "noload.yaml",
-        "defaults:\n  - gptq_w4a16\n  - _self_\n\nstages:\n  - stage: evaluate\n"
-        "    eval_file: x.txt\n",
+def test_source_map_ignores_what_a_later_file_replaced() -> None:
+    """A null (a removed stage) or a list replaces everything an earlier file set below it."""
+    parent = Source(
+        "p.yaml",
+        "",
+        key_positions("stages:\n  solve:\n    x: 1\nscheme:\n  targets: [a, b]\n  bits: 4\n"),
     )
-    problems = _lint(child)
-    order = next(p for p in problems if p.path == "stages[0](evaluate)")
-    assert (order.line, order.column) == (6, 5)  # the entry that cannot run
-    start = next(p for p in problems if "must start with 'load'" in p.message)
-    assert start.file == str(child) and start.line == 6
+    child = Source("c.yaml", "", key_positions("stages:\n  solve: null\nscheme:\n  targets: [c]\n"))
+    smap = SourceMap([parent, child])
+    assert smap.locate("stages.solve.x") is None
+    assert smap.locate("scheme.targets[1]") is None
+    assert smap.locate("scheme.targets[0]") == Location("c.yaml", 4, 13)
+    assert smap.locate("scheme.bits") == Location("p.yaml", 6, 3)  # merged: the parent's
+    assert smap.locate("stages.solve") == Location("c.yaml", 2, 3)
+
+
+def test_problem_without_a_file_position_stays_unplaced(tmp_path: Path) -> None:
+    """A problem at a key no file sets keeps its path and file, without a line."""
+    text = _fixed(RESOLVED)
+    start, end = text.index("dataset:"), text.index("scheme:")
+    path = _write(tmp_path, "nodata.yaml", text[:start] + text[end:])
+    (p,) = _lint(path)
+    assert (p.path, p.message, p.file) == ("dataset", "required key is missing", str(path))
+    assert p.line is None and str(p) == f"{path}: dataset: required key is missing"
 
 
 def test_cli_text_and_json_carry_positions(

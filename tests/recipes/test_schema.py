@@ -51,8 +51,27 @@ def test_schema_rejects_typos_and_bad_values() -> None:
         jsonschema.validate({"bits": 5}, schema)
     jsonschema.validate({"bits": "${oc.env:BITS}"}, schema)  # interpolations are fine
     recipe = recipe_schema()
-    bad = {"stages": [{"stage": "solve", "bits": 4, "typo": 1}]}
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, recipe)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"stages": [{"stage": "solv"}]}, recipe)
+    for bad in (
+        {"solve": {"method": "rtn", "typo": 1}},  # unknown key
+        {"solve": {"bits": 4}},  # a scheme key, not the stage's
+        {"solve": {"method": "awq"}},  # not an allowed value
+        {"solve": {"id": "solve"}},  # the id is the key
+        {"solve": {"stage": "solv"}},  # no such stage
+        {"solv": {}},  # a key that names no stage needs `stage:`
+        {"baseline": {"stage": "evaluate", "dampening": 0.1}},  # not an evaluate key
+        [{"stage": "solve"}],  # a list, not a mapping
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"stages": bad}, recipe)
+    jsonschema.validate(
+        {
+            "stages": {
+                "load": {},
+                "baseline": {"stage": "evaluate"},  # `stage:` names it
+                "solve": {"method": "rtn", "dampening": "${oc.env:DAMP}"},  # defaults to key
+                "partition": None,  # removed
+                "rtn": {"stage": "solve", "method": "rtn", "after": "load"},  # placed
+            }
+        },
+        recipe,
+    )

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import re
 import typing
+from pathlib import Path
 from typing import Literal
 
 import pytest
 from pydantic import BaseModel, Field
 
 from gptqflow.cli import main
-from gptqflow.framework.compose import project_root
+from gptqflow.framework import stagedoc
+from gptqflow.framework.compose import DEFAULT_RECIPE, compose_recipe, project_root
 from gptqflow.framework.registry import registered
-from gptqflow.framework.schema import Recipe
+from gptqflow.framework.schema import GROUPS, Recipe
 from gptqflow.framework.stagedoc import (
     REGENERATE,
+    contract,
     field_docs,
-    groups,
     render_markdown,
     render_text,
     stages_in_order,
@@ -56,7 +58,7 @@ def undocumented(model: type[BaseModel]) -> list[str]:
 
 
 def _models() -> list[type[BaseModel]]:
-    return [spec.config_cls for spec in registered().values()] + [*groups().values(), Recipe]
+    return [spec.config_cls for spec in registered().values()] + [*GROUPS.values(), Recipe]
 
 
 @pytest.mark.parametrize("model", _models(), ids=lambda m: m.__name__)
@@ -94,11 +96,62 @@ def test_reference_lists_every_stage_and_key_with_default_and_unit() -> None:
         assert text.count(f"\n{spec.name}  (runs ") + text.startswith(f"{spec.name}  (") == 1
         for f in field_docs(spec.config_cls):
             assert f"| `{f.name}` |" in md, (spec.name, f.name)
-    assert "| `seq_len` | int | `512` | tokens | Tokens per calibration sequence. |" in md
+    assert (
+        "| `dataset.seq_len` | int | `512` | tokens | Tokens per calibration sequence / eval window. |"
+        in md
+    )
     assert "| `scheme.group_size` | -1 \\| 32 \\| 64 \\| 128 \\| 256 | `128` | columns |" in md
     assert '    targets: list of str = ["re:.*"]  Linear modules' in text
     assert "    timeout_s: float = 600.0 [seconds]  " in text
-    assert [s.name for s in stages_in_order()][:3] == ["load", "partition", "evaluate"]
+    assert "    dampening: float = 0.01 [fraction of mean diagonal]  " in text
+    assert '| `subdir` | str | `"checkpoint"` |' in md
+    assert "\n    id: " not in text and "| `id` |" not in md  # the key itself, not a setting
+
+
+def test_reference_shows_what_each_stage_requires_and_provides() -> None:
+    md = render_markdown()
+    text = render_text()
+    for spec in registered().values():
+        c = contract(spec)
+        assert c.requires == tuple(sorted(spec.config_cls(stage=spec.name).requires()))
+        assert c.provides == tuple(sorted(spec.config_cls(stage=spec.name).provides()))
+        requires = ", ".join(f"`{n}`" for n in c.requires) or "nothing"
+        provides = ", ".join(f"`{n}`" for n in c.provides) or "nothing"
+        section = md.split(f"### `{spec.name}`", 1)[1].split("\n### ", 1)[0]
+        assert f"Requires: {requires}. Provides: {provides}." in section, spec.name
+        assert f"Requires: {requires}. Provides: {provides}.".replace("`", "") in text
+    assert "Requires: `group.hessian`. Provides: `group.reduced_hessian`." in md
+    assert "Requires: nothing. Provides: `model`, `tokenizer`." in md
+    # solve's requirement depends on its method: the reference says so.
+    solve = md.split("### `solve`", 1)[1].split("\n### ", 1)[0]
+    assert "Requires: `group.reduced_hessian`." in solve and "settings change" in solve
+
+
+def test_stages_follow_the_default_recipe_then_the_others_by_name() -> None:
+    raw = compose_recipe(DEFAULT_RECIPE, ["model.path=/m", "output_dir=/o"])["stages"]
+    pipeline: list[str] = []
+    for key, entry in raw.items():
+        name = (entry or {}).get("stage", key)
+        if entry is not None and name not in pipeline:
+            pipeline.append(name)
+    names = [s.name for s in stages_in_order()]
+    assert names[: len(pipeline)] == pipeline
+    assert names[len(pipeline) :] == sorted(set(registered()) - set(pipeline))
+    assert names[:3] == ["load", "partition", "evaluate"]
+
+
+def test_stage_order_without_recipes_is_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPTQFLOW_RECIPES", str(tmp_path / "nowhere"))
+    assert [s.name for s in stages_in_order()] == sorted(registered())
+
+
+def test_the_reference_generator_names_no_stage() -> None:
+    """Stages are plugins: the generator knows them only through the registry."""
+    source = Path(stagedoc.__file__).read_text()
+    for name in registered():
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name
 
 
 def test_markdown_escapes_what_would_break_a_table() -> None:

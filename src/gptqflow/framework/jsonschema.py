@@ -2,10 +2,15 @@
 
 Recipe files are inputs to Hydra, not finished recipes: they carry a ``defaults:``
 list, values may be interpolations (``${scheme.bits}``), and a file may set only
-part of a group (``scheme: {group_size: 64}``). The editor schema therefore keeps
-every key, type, enum, range and description of the real models, but makes fields
-optional and also accepts an interpolation string wherever a value goes. Unknown
-keys stay errors, so a typo is underlined in the editor.
+part of a group (``scheme: {group_size: 64}``) or of a stage (``solve: {method: rtn}``).
+The editor schema therefore keeps every key, type, enum, range and description of the
+real models, but makes fields optional and also accepts an interpolation string
+wherever a value goes. Unknown keys stay errors, so a typo is underlined in the editor.
+
+``stages`` is a mapping from a stage id to the stage's settings or ``null`` (which
+removes the entry). ``stage:`` defaults to the key: under the key of a registered stage
+(``solve:``) an entry may omit it; under any other key (``baseline:``) it must name one.
+``after: ID`` places an entry behind another.
 """
 
 from __future__ import annotations
@@ -14,32 +19,28 @@ import copy
 import json
 from typing import Any
 
-from pydantic import BaseModel, create_model
+from pydantic import create_model
 
-from gptqflow.framework.schema import (
-    DatasetGroup,
-    ModelGroup,
-    Recipe,
-    RuntimeGroup,
-    SchemeGroup,
-    stage_union,
-)
+from gptqflow.framework.schema import GROUPS, Recipe, stage_union
+from gptqflow.framework.stage import StageConfig
 
 INTERPOLATION = {
     "type": "string",
     "pattern": r"^.*\$\{.+\}.*$",
     "description": "an interpolation, e.g. ${scheme.bits}",
 }
-GROUPS: dict[str, type[BaseModel]] = {
-    "model": ModelGroup,
-    "dataset": DatasetGroup,
-    "scheme": SchemeGroup,
-    "runtime": RuntimeGroup,
+
+
+AFTER = {
+    "type": "string",
+    "description": "Run this entry right behind the entry with this id (a derived recipe's "
+    "new entries otherwise come after its parent's).",
 }
 
 
 def _relax(node: Any, *, keep_required: frozenset[str] = frozenset({"stage"})) -> Any:
-    """Allow interpolations for every leaf value and drop ``required`` (except ``stage``)."""
+    """Allow interpolations for every leaf value and drop ``required``; ``stage`` (a
+    stage's name, never an interpolation) stays as it is."""
     if isinstance(node, list):
         return [_relax(n, keep_required=keep_required) for n in node]
     if not isinstance(node, dict):
@@ -66,11 +67,60 @@ def _doc(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: spec[k] for k in ("title", "description", "default") if k in spec}
 
 
+def _stage_entries(generated: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """``stages``: each registered stage's key may omit ``stage:``, any other key names one.
+
+    ``generated`` is pydantic's schema of ``dict[str, <stage union> | None]``; its
+    discriminator mapping (stage name -> ``$defs`` reference) is the registry's view.
+    Each stage's definition loses ``id`` (the key itself, never written), no longer
+    requires ``stage`` and takes ``after:`` (placement, read before validation).
+    """
+    union = next(a for a in generated["additionalProperties"]["anyOf"] if "discriminator" in a)
+    refs: dict[str, str] = union["discriminator"]["mapping"]
+    stage_doc = StageConfig.model_fields["stage"].description
+    for ref in refs.values():
+        definition = defs[ref.rsplit("/", 1)[1]]
+        definition["properties"].pop("id", None)
+        definition["properties"]["stage"]["description"] = stage_doc
+        definition["properties"]["after"] = AFTER
+        required = [r for r in definition.get("required", []) if r != "stage"]
+        if required:
+            definition["required"] = required
+        else:
+            definition.pop("required", None)
+    null = {"type": "null", "description": "removes the entry"}
+
+    def named(ref: str) -> dict[str, Any]:
+        return {"$ref": ref, "required": ["stage"]}
+
+    return {
+        "type": "object",
+        "title": "Stages",
+        "description": Recipe.model_fields["stages"].description,
+        "properties": {
+            name: {
+                "anyOf": [
+                    {"$ref": ref},
+                    *(named(other) for n, other in refs.items() if n != name),
+                    null,
+                ]
+            }
+            for name, ref in refs.items()
+        },
+        "additionalProperties": {"anyOf": [*(named(ref) for ref in refs.values()), null]},
+    }
+
+
 def recipe_schema() -> dict[str, Any]:
     """The schema of a recipe file (top-level recipes and fully resolved ``recipe.yaml``)."""
-    stages: Any = list[stage_union()]  # type: ignore[misc]
+    entry: Any = stage_union() | None
+    stages: Any = dict[str, entry]  # type: ignore[valid-type]
     model = create_model("RecipeFile", __base__=Recipe, stages=(stages, ...))
-    schema = _relax(model.model_json_schema())
+    generated = model.model_json_schema()
+    schema = _relax(generated)
+    schema["properties"]["stages"] = _stage_entries(
+        generated["properties"]["stages"], schema["$defs"]
+    )
     schema["properties"]["defaults"] = {
         "type": "array",
         "description": "Hydra defaults list: config-group options and parent recipes.",

@@ -25,29 +25,19 @@ from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from gptqflow.errors import GptqflowError
 from gptqflow.framework.compose import register_resolvers, to_plain
 from gptqflow.framework.preflight import model_problems
 from gptqflow.framework.schema import (
-    DatasetGroup,
-    ModelGroup,
+    GROUPS,
     Problem,
     RecipeError,
-    RuntimeGroup,
-    SchemeGroup,
     problems_from_validation,
     validate_recipe,
 )
 from gptqflow.framework.yamlpos import Source, SourceMap, key_positions
-
-GROUPS: dict[str, type[BaseModel]] = {
-    "model": ModelGroup,
-    "dataset": DatasetGroup,
-    "scheme": SchemeGroup,
-    "runtime": RuntimeGroup,
-}
 
 
 def recipe_files(paths: list[Path]) -> list[Path]:

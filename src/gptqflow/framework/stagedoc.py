@@ -17,24 +17,20 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from gptqflow.framework.compose import DEFAULT_RECIPE, recipes_dir
 from gptqflow.framework.registry import StageSpec, registered
+from gptqflow.framework.schema import GROUPS, Recipe
+from gptqflow.framework.schema import _stage_entries as stage_entries
+from gptqflow.framework.stage import StageConfig
 
 REGENERATE = "gptqflow stages --format markdown > docs/stages.md"
-_HIDDEN = ("stage",)  # the discriminator: every entry has it, it names the section
-# Built-in stages in the order a pipeline runs them; other registered stages follow, by name.
-PIPELINE_ORDER = (
-    "load",
-    "partition",
-    "evaluate",
-    "calibrate",
-    "hessian-reduce",
-    "solve",
-    "broadcast",
-    "save",
-)
+# Not keys of a stage's own: ``stage`` names the section (and defaults to the entry's key),
+# ``id`` is the entry's key itself, filled in by validation.
+_HIDDEN = ("stage", "id")
 _YAML_EXAMPLE = re.compile(r"```yaml\n(.*?)```", re.S)
 
 
@@ -105,59 +101,101 @@ def _phase(spec: StageSpec) -> str:
     return "per layer" if spec.per_layer else "once"
 
 
+@dataclass(frozen=True)
+class Contract:
+    """What a stage requires and provides with its default settings (sorted names)."""
+
+    requires: tuple[str, ...]
+    provides: tuple[str, ...]
+    depends: bool  # the config overrides requires()/provides(): its settings change them
+
+
+def contract(spec: StageSpec) -> Contract:
+    """The stage's declared data flow, from its config (defaults; class declarations if a
+    field has no default)."""
+    cls = spec.config_cls
+    depends = cls.requires is not StageConfig.requires or cls.provides is not StageConfig.provides
+    try:
+        cfg = cls(stage=spec.name)
+    except ValidationError:
+        return Contract(tuple(sorted(cls.REQUIRES)), tuple(sorted(cls.PROVIDES)), depends)
+    return Contract(tuple(sorted(cfg.requires())), tuple(sorted(cfg.provides())), depends)
+
+
+def _names(names: tuple[str, ...], code: str = "") -> str:
+    return ", ".join(f"{code}{n}{code}" for n in names) if names else "nothing"
+
+
+def _contract_line(spec: StageSpec, code: str = "") -> str:
+    c = contract(spec)
+    line = f"Requires: {_names(c.requires, code)}. Provides: {_names(c.provides, code)}."
+    if c.depends:
+        line += " (With the default settings; its settings change what it requires or provides.)"
+    return line
+
+
+def _default_pipeline() -> list[str]:
+    """The stages of the default recipe, in pipeline order (empty when it does not compose).
+
+    Composed without resolving anything (``model.path`` may still be ``???``); entries
+    are read the way validation reads them (``null`` removed, ``after:`` placed, the
+    stage named by ``stage:`` or else by the key).
+    """
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir().resolve()), version_base="1.3"):
+            cfg = compose(config_name=DEFAULT_RECIPE)
+        raw = OmegaConf.to_container(cfg.get("stages"), resolve=False)
+    except Exception:  # no recipes directory, a broken default recipe: order by name only
+        return []
+    entries, _ = stage_entries(raw)
+    return [str(entry["stage"]) for _, entry in entries]
+
+
 def stages_in_order() -> list[StageSpec]:
-    """Every registered stage, built-ins in pipeline order, then any others by name."""
+    """Every registered stage: those of the default recipe in its pipeline order, then the
+    others by name."""
     specs = registered()
-    rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+    rank: dict[str, int] = {}
+    for name in _default_pipeline():
+        rank.setdefault(name, len(rank))
     return [specs[n] for n in sorted(specs, key=lambda n: (rank.get(n, len(rank)), n))]
 
 
 def _module_doc(spec: StageSpec) -> tuple[str, str]:
-    """The stage module's ``Consumes: ...`` paragraph and its YAML example (either may be "")."""
+    """The stage module's paragraph on its data flow (``Requires: ...``) and its YAML
+    example (either may be "")."""
     doc = sys.modules[spec.config_cls.__module__].__doc__ or ""
-    contract = next((p for p in doc.split("\n\n") if p.lstrip().startswith("Consumes")), "")
+    paragraphs = doc.split("\n\n")[1:]
+    flow = next((p for p in paragraphs if "Requires:" in p or "Provides:" in p), "")
     example = _YAML_EXAMPLE.search(doc)
     return (
-        " ".join(contract.split()).replace("``", "`"),
+        " ".join(flow.split()).replace("``", "`"),
         example.group(1).rstrip() if example else "",
     )
 
 
-def groups() -> dict[str, type[BaseModel]]:
-    """The config groups (``model``, ``dataset``, ``scheme``, ``runtime``) and run settings."""
-    from gptqflow.framework.schema import (
-        DatasetGroup,
-        ModelGroup,
-        RuntimeGroup,
-        SchemeGroup,
-    )
-
-    return {
-        "model": ModelGroup,
-        "dataset": DatasetGroup,
-        "scheme": SchemeGroup,
-        "runtime": RuntimeGroup,
-    }
-
-
 def _run_settings() -> list[FieldDoc]:
-    from gptqflow.framework.schema import Recipe
-
-    return field_docs(Recipe, skip=(*groups(), "stages"))
+    return field_docs(Recipe, skip=(*GROUPS, "stages"))
 
 
 def render_text() -> str:
     """Plain text for a terminal: stage by stage, then the config groups."""
-    lines = []
+    lines = [
+        "stages (a recipe's stages map an id to a stage's settings; stage: defaults to the id, "
+        "null removes an entry):"
+    ]
     for spec in stages_in_order():
         summary = _summary(spec.config_cls).replace("`", "")
         lines.append(f"{spec.name}  (runs {_phase(spec)}): {summary}")
+        lines.append(f"    {_contract_line(spec)}")
         lines += _text_fields(field_docs(spec.config_cls))
     lines.append("")
     lines.append(
         "config groups (choose an option with group=NAME, set a key with group.key=VALUE):"
     )
-    for group, model in groups().items():
+    for group, model in GROUPS.items():
         lines.append(f"{group}: {_summary(model).replace('`', '')}")
         lines += _text_fields(field_docs(model))
     lines.append("run settings:")
@@ -207,13 +245,22 @@ def render_markdown() -> str:
         "",
         "## Stages",
         "",
+        "A recipe's `stages` maps an id (the key report.json uses) to a stage's settings, in",
+        "pipeline order: `stage:` names the registered stage and defaults to the id, so",
+        "`solve: {dampening: 0.05}` runs `solve` and `baseline: {stage: evaluate}` runs",
+        "`evaluate`; `null` removes an entry and `after: ID` places one behind another.",
+        "The keys below are each stage's own; `gptqflow lint` checks that every stage's",
+        "requirements are provided by an earlier one.",
+        "",
     ]
     for spec in stages_in_order():
-        contract, example = _module_doc(spec)
+        flow, example = _module_doc(spec)
         out += [f"### `{spec.name}`", "", f"{_summary(spec.config_cls)} Runs {_phase(spec)}.", ""]
-        if contract:
-            out += [contract, ""]
-        out += [*_md_table(field_docs(spec.config_cls)), ""]
+        out += [_contract_line(spec, "`"), ""]
+        if flow:
+            out += [flow, ""]
+        fields = field_docs(spec.config_cls)
+        out += [*_md_table(fields), ""] if fields else ["No keys of its own.", ""]
         if example:
             out += ["```yaml", example, "```", ""]
     out += [
@@ -223,7 +270,7 @@ def render_markdown() -> str:
         "with `group.key=VALUE`.",
         "",
     ]
-    for group, model in groups().items():
+    for group, model in GROUPS.items():
         out += [
             f"### `{group}`",
             "",

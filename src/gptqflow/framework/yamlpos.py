@@ -2,14 +2,16 @@
 
 ``yaml.safe_load`` throws positions away; :func:`key_positions` walks PyYAML's
 composed node tree instead, whose nodes keep ``start_mark``. Paths are spelt the way
-problems name keys: ``model.path``, ``stages[3].bits``, ``stages[3]`` (the entry).
+problems name keys: ``model.path``, ``stages.solve.dampening``, ``stages.solve`` (the
+stage's entry), ``scheme.targets[1]`` (a list item).
 
 A composed recipe has no single file: Hydra merges a defaults list (parent recipes,
 config-group options, ``_self_``) in order and the last file that sets a key wins.
 :class:`SourceMap` replays that order to find the file that set a key, follows a
-value that is a plain interpolation (``bits: ${scheme.bits}``) to where the value
-really came from, and knows that a list (``stages:``) is replaced as a whole, never
-merged, so an earlier file's entries are not blamed.
+value that is a plain interpolation (``path: ${model.path}``) to where the value
+really came from, and knows that a value which is not a mapping (a list, or ``null``
+removing a stage) replaces everything an earlier file had below that key, so an
+earlier file's keys there are not blamed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from pathlib import Path
 
 import yaml
 
-# ``stages[5](solve).bits`` -> ``stages[5].bits``: problem paths carry the stage name.
-_STAGE_TAG = re.compile(r"\]\([^)]*\)")
 _PLAIN_INTERPOLATION = re.compile(r"^\$\{([A-Za-z_][\w.]*)\}$")
 _MAX_HOPS = 8  # interpolation chains longer than this are not followed (cycles)
 
@@ -82,11 +82,6 @@ def key_positions(text: str) -> dict[str, Position]:
     return out
 
 
-def normalize(problem_path: str) -> str:
-    """A problem's key path as a file path: ``stages[5](solve).bits`` -> ``stages[5].bits``."""
-    return _STAGE_TAG.sub("]", problem_path)
-
-
 def parents(path: str) -> list[str]:
     """``a.b[2].c`` -> ``["a.b[2]", "a.b", "a"]``: every enclosing key path, nearest first."""
     out: list[str] = []
@@ -134,7 +129,7 @@ class SourceMap:
         A key that is missing points at its nearest enclosing key in the file that
         set that (the mapping the key belongs in). None when no file has the key.
         """
-        return self._locate(normalize(problem_path), missing, _MAX_HOPS)
+        return self._locate(problem_path, missing, _MAX_HOPS)
 
     def _locate(self, path: str, missing: bool, hops: int) -> Location | None:
         for src in reversed(self.sources):
@@ -150,8 +145,8 @@ class SourceMap:
             if missing:  # the key belongs in the nearest mapping this file sets
                 pos = src.positions[present[0]]
                 return Location(src.file, pos.line, pos.column)
-            if any(src.positions[p].kind == "sequence" for p in present):
-                return None  # a list here replaced every earlier file's list
+            if any(src.positions[p].kind != "mapping" for p in present):
+                return None  # a list or a null here replaced what earlier files set below it
         return None
 
     def _follow(self, src: Source, pos: Position, missing: bool, hops: int) -> Location:
