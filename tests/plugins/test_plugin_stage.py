@@ -55,6 +55,8 @@ stages:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plugin installed by pip (metadata, entry point and all) into its own folder."""
     out = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("source") / PLUGIN.name
+    shutil.copytree(PLUGIN, source)  # pip builds in the source tree: never in the checkout
     subprocess.run(
         [
             sys.executable,
@@ -66,7 +68,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-build-isolation",
             "--target",
             str(out),
-            str(PLUGIN),
+            str(source),
         ],
         check=True,
         capture_output=True,
