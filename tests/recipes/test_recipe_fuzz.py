@@ -6,8 +6,9 @@ OmegaConf error escaping lint, ...) is a bug that would reach the user as a trac
 
 Mutations are the mistakes people make when editing YAML by hand: a key dropped, an
 unknown (or misspelt) key added, a value of the wrong type (including NaN, huge
-numbers, interpolations and nested containers), a stage name misspelt, stages
-reordered, duplicated or removed, a config-group option misnamed. Each is applied
+numbers, interpolations and nested containers), a stage name or stage id misspelt,
+stages reordered, duplicated under a second id, removed or set to null, an ``after:``
+pointing anywhere, a config-group option misnamed. Each is applied
 to (1) the composed, resolved recipe given to ``validate_recipe`` (what ``gptqflow
 run`` validates), (2) the same written out as a standalone recipe file for
 ``gptqflow lint``, and (3) the raw shipped files, top-level recipes with their
@@ -104,27 +105,45 @@ def _misspell(data: st.DataObject, word: str) -> str:
     return "".join(chars)
 
 
+STAGE_OPS = ["misspell_stage", "misspell_id", "reorder", "duplicate", "remove_stage", "null"]
+
+
+def _mutate_stages(data: st.DataObject, tree: dict[str, Any], op: str) -> None:
+    """One edit of the ``stages`` mapping (stage id -> settings, in pipeline order)."""
+    stages: dict[Any, Any] = tree["stages"]
+    key = data.draw(st.sampled_from(list(stages)))
+    items = list(stages.items())
+    if op == "misspell_stage" and isinstance(stages[key], dict):
+        name = stages[key].get("stage", key)
+        stages[key]["stage"] = _misspell(data, name if isinstance(name, str) else "")
+    elif op == "misspell_id":  # the key, keeping its place
+        new = _misspell(data, str(key))
+        tree["stages"] = {new if k == key else k: v for k, v in items if k != new or k == key}
+    elif op == "reorder":
+        tree["stages"] = dict(data.draw(st.permutations(items)))
+    elif op == "duplicate":  # the same settings under a second id, anywhere
+        at = data.draw(st.integers(0, len(items)))
+        new_key = data.draw(st.sampled_from([f"{key}2", f"{key}-again", "extra"]))
+        items = [(k, v) for k, v in items if k != new_key]
+        items.insert(min(at, len(items)), (new_key, copy.deepcopy(stages[key])))
+        tree["stages"] = dict(items)
+    elif op == "remove_stage":
+        del stages[key]
+    else:  # null: removed the way a derived recipe removes it
+        stages[key] = None
+
+
 def mutate(data: st.DataObject, tree: Json) -> Json:
     """1 to 4 random edits of a deep copy of ``tree`` (a dict at the root, kept a dict)."""
     tree = copy.deepcopy(tree)
     for _ in range(data.draw(st.integers(1, 4))):
         stages = tree.get("stages") if isinstance(tree, dict) else None
         ops = ["drop", "add", "retype", "rename_key"]
-        if isinstance(stages, list) and stages:
-            ops += ["misspell_stage", "reorder", "duplicate", "remove_stage"]
+        if isinstance(stages, dict) and stages:
+            ops += STAGE_OPS
         op = data.draw(st.sampled_from(ops))
-        if op in ("misspell_stage", "reorder", "duplicate", "remove_stage"):
-            assert isinstance(stages, list)
-            i = data.draw(st.integers(0, len(stages) - 1))
-            if op == "misspell_stage" and isinstance(stages[i], dict):
-                name = stages[i].get("stage")
-                stages[i]["stage"] = _misspell(data, name if isinstance(name, str) else "")
-            elif op == "reorder":
-                tree["stages"] = data.draw(st.permutations(stages))
-            elif op == "duplicate":
-                stages.insert(data.draw(st.integers(0, len(stages))), copy.deepcopy(stages[i]))
-            else:
-                del stages[i]
+        if op in STAGE_OPS:
+            _mutate_stages(data, tree, op)
             continue
         containers = [p for p in _paths(tree) if isinstance(_get(tree, p), (dict, list))]
         path = data.draw(st.sampled_from(containers))
@@ -133,9 +152,13 @@ def mutate(data: st.DataObject, tree: Json) -> Json:
         if op == "add" and isinstance(node, dict):
             known = [str(k) for k in keys] or ["x"]
             key = data.draw(
-                st.one_of(st.text(max_size=10), st.sampled_from(known).map(lambda k: k + "_"))
+                st.one_of(
+                    st.text(max_size=10),
+                    st.sampled_from(known).map(lambda k: k + "_"),
+                    st.just("after"),  # placement, read before validation
+                )
             )
-            node[key] = data.draw(VALUES)
+            node[key] = data.draw(st.one_of(VALUES, st.sampled_from(known)))
         elif op == "add":
             node.append(data.draw(VALUES))
         elif not keys:
@@ -248,11 +271,23 @@ def test_mutations_reach_every_kind_of_problem(composed: dict[str, Any]) -> None
     base = composed["gptq_w4a16"]
     cases: list[tuple[str, Any]] = []
     r = copy.deepcopy(base)
-    r["stages"][0]["stage"] = "lod"
-    cases.append(("stages[0]", r))
+    r["stages"]["load"]["stage"] = "lod"
+    cases.append(("stages.load", r))
     r = copy.deepcopy(base)
-    r["stages"] = list(reversed(r["stages"]))
-    cases.append(("stages[", r))
+    r["stages"] = dict(reversed(list(r["stages"].items())))
+    cases.append(("stages.", r))
+    r = copy.deepcopy(base)
+    r["stages"]["load"] = None
+    cases.append(("stages.baseline", r))  # nothing provides the model any more
+    r = copy.deepcopy(base)
+    r["stages"]["lod"] = r["stages"].pop("load")
+    cases.append(("stages.lod", r))
+    r = copy.deepcopy(base)
+    r["stages"]["solve"]["after"] = "nowhere"
+    cases.append(("stages.solve.after", r))
+    r = copy.deepcopy(base)
+    r["stages"] = list(r["stages"].values())
+    cases.append(("stages", r))
     r = copy.deepcopy(base)
     r["scheme"]["bits"] = math.nan
     cases.append(("scheme.bits", r))
