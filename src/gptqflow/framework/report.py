@@ -411,9 +411,10 @@ def _colors(n: int) -> list[Any]:
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": None})
-    os.replace(tmp, path)
+    write_atomic(
+        path,
+        lambda f: fig.savefig(f, format="png", bbox_inches="tight", metadata={"Software": None}),
+    )
 
 
 # ---------------------------------------------------------------------- entry point
