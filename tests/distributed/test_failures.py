@@ -28,10 +28,10 @@ def _rank(
 
     if rank == fail_rank:
 
-        def boom(self: Any, state: Any, step: Any, ctx: Any) -> None:
-            raise GptqflowError(f"{step.names[0]}: injected solver failure")
+        def boom(self: Any, group: Any, ctx: Any) -> None:
+            raise GptqflowError(f"{group.names[0]}: injected solver failure")
 
-        SolveStage.run_step = boom  # type: ignore[method-assign]
+        SolveStage.on_group = boom  # type: ignore[method-assign]
     raise SystemExit(run_rank(lambda: execute(resolved)))
 
 

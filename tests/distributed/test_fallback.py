@@ -21,15 +21,15 @@ def _indefinite_mlp_hessians() -> None:
     """Make every layer's reduced gate/up Hessian indefinite (see tests/e2e/test_hostile.py)."""
     from gptqflow.stages.solve import SolveStage
 
-    original = SolveStage.run_step
+    original = SolveStage.on_group
 
-    def run_step(self: Any, state: Any, step: Any, ctx: Any) -> None:
-        if step.names[0].endswith("mlp.gate_proj"):
-            step.full_hessian = step.full_hessian.clone()
-            step.full_hessian[0, 0] = -1e9
-        original(self, state, step, ctx)
+    def on_group(self: Any, group: Any, ctx: Any) -> None:
+        if group.names[0].endswith("mlp.gate_proj"):
+            group.reduced_hessian = group.reduced_hessian.clone()
+            group.reduced_hessian[0, 0] = -1e9
+        original(self, group, ctx)
 
-    SolveStage.run_step = run_step  # type: ignore[method-assign]
+    SolveStage.on_group = on_group  # type: ignore[method-assign]
 
 
 def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:

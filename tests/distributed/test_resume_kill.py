@@ -2,7 +2,7 @@
 
 The ranks are spawned processes (gloo on loopback, like torchrun's workers). The kill
 is deterministic without any hook in the library: the child process wraps
-``ResumePoints.after_layer`` (or a layer's group callback, for "mid-calibration") and
+``ResumePoints.after_layer`` (or the calibrate stage's group hook, for "mid-calibration") and
 sends itself SIGKILL at the chosen point, so the run dies at exactly that place every
 time. A killed rank gets no chance to clean up; the others must notice on their own.
 """
@@ -54,21 +54,23 @@ def _rank(rank: int, world: int, port: int, resolved: dict[str, Any], kill: str 
     if kill == "after-point-1":
         after_layer = ResumePoints.after_layer
 
-        def die_after(self: Any, state: Any, done: int, n_layers: int) -> None:
-            after_layer(self, state, done, n_layers)
-            if done == 1:
+        def die_after(self: Any, state: Any, layer: Any, stages: Any, n_layers: int) -> None:
+            after_layer(self, state, layer, stages, n_layers)
+            if layer.index + 1 == 1:  # the resume point after layer 0 is on disk
                 _die()
 
         ResumePoints.after_layer = die_after  # type: ignore[method-assign]
     elif kill in ("mid-layer-1", "hang-mid-layer-1"):
-        run_layer = CalibrateStage.run_layer
+        on_group = CalibrateStage.on_group
         fault = _die if kill == "mid-layer-1" else _hang
 
-        def die_inside(self: Any, state: Any, ctx: Any, index: int, on_group: Any) -> None:
-            # layer 1's first group: its Hessian is built, its all-reduce never happens
-            run_layer(self, state, ctx, index, (lambda step: fault()) if index == 1 else on_group)
+        def die_inside(self: Any, group: Any, ctx: Any) -> None:
+            on_group(self, group, ctx)
+            if group.layer.index == 1:
+                # layer 1's first group: its Hessian is built, its all-reduce never happens
+                fault()
 
-        CalibrateStage.run_layer = die_inside  # type: ignore[method-assign]
+        CalibrateStage.on_group = die_inside  # type: ignore[method-assign]
     raise SystemExit(run_rank(lambda: execute(resolved)))
 
 

@@ -36,7 +36,7 @@ def sharing_cost(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(ws: int, model: Path, out: Path, cost: Path) -> dict[str, Any]:
-    return run_at(ws, model, out, f"+stages.4.cost_model={cost}")
+    return run_at(ws, model, out, f"+stages.solve.cost_model={cost}")
 
 
 def test_shared_factorisation_is_bit_identical(

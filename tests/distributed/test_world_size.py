@@ -65,8 +65,12 @@ def test_reports_name_every_rank(runs: dict[int, tuple[Path, dict[str, Any]]]) -
         assert [r["rank"] for r in report["ranks"]] == list(range(ws))
         for layer in report["layers"]:
             assert layer["imbalance"] >= 1.0 and layer["busy_imbalance"] >= 1.0
-            assert len(layer["solve_seconds"]) == len(layer["solve_cpu_seconds"]) == ws
-            assert all(s > 0 for s in layer["solve_cpu_seconds"])
+            assert len(layer["work_seconds"]) == len(layer["work_cpu_seconds"]) == ws
+            assert all(s > 0 for s in layer["work_cpu_seconds"])
+            # Each stage of the loop, timed on every rank.
+            for sid in ("calibrate", "hessian-reduce", "solve", "broadcast"):
+                times = layer["stages"][sid]
+                assert len(times["seconds"]) == len(times["cpu_seconds"]) == ws, sid
 
 
 @pytest.mark.parametrize("ws", [2, 3])
