@@ -226,7 +226,7 @@ def make_workspace(root: Path, tiny_model: Path) -> tuple[Path, dict[str, str]]:
     work.mkdir(parents=True)
     data.mkdir(parents=True)
     shutil.copytree(REPO / "recipes", work / "recipes")
-    for name in ("configs", "bench", "schema"):  # read-only inputs some commands name
+    for name in ("configs", "bench", "schema", "tests"):  # read-only inputs commands name
         (work / name).symlink_to(REPO / name)
     (work / "docs").mkdir()  # commands may write here; never into the real docs
     shutil.copytree(tiny_model, cache / "models" / "SmolLM2-135M-Instruct")

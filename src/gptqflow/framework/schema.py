@@ -316,7 +316,7 @@ def _stage_entries(stages_raw: Any) -> tuple[list[tuple[str, Any]], list[Problem
         return [], [
             Problem(
                 "stages",
-                f"must be a mapping from stage id to its settings (e.g. 'solve: {{}}'), got {kind}",
+                f"must be a mapping from stage id to its settings ('<id>: {{}}' for none), got {kind}",
             )
         ]
     entries: list[tuple[str, Any]] = []
