@@ -183,3 +183,44 @@ def test_rank_peak_memory_covers_every_stage(tiny_run: tuple[Path, Runner]) -> N
     report = json.loads((out / "report.json").read_text())
     (rank,) = report["ranks"]
     assert rank["peak_rss_bytes"] >= max(s["peak_rss_bytes"] for s in report["stages"].values())
+
+
+def test_rtn_recipe_runs_without_calibration(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """rtn_w4a16 removes partition/calibrate/hessian-reduce: no calibration file is read
+    (not even checked), no forward runs, and every module holds its round-to-nearest codes."""
+    from safetensors.torch import load_file
+
+    from gptqflow.framework.api import execute
+    from gptqflow.gptq.quantizer import rtn_quantize
+    from gptqflow.modeling.checkpoint import read_quantized_codes
+
+    out = tmp_path / "rtn"
+    resolved = compose_recipe(
+        "rtn_w4a16",
+        _overrides(
+            tiny_llama_dir,
+            out,
+            "dataset.eval_tokens=0",
+            f"dataset.calibration_file={tmp_path / 'absent.txt'}",
+        ),
+    )
+    recipe = validate_recipe(resolved)
+    assert [c.id for c in recipe.stages] == [
+        "load",
+        "baseline",
+        "solve",
+        "broadcast",
+        "quantized",
+        "save",
+    ]
+    report = execute(resolved)
+    assert report["status"] == "ok" and report["tokens_calibrated"] == 0
+    assert not {"partition", "calibrate", "hessian-reduce"} & set(report["stages"])
+    assert {"layer-loop", "solve", "broadcast", "save"} <= set(report["stages"])
+    assert [layer["index"] for layer in report["layers"]] == [0, 1]
+    codes = read_quantized_codes(out / "checkpoint")
+    weights = load_file(str(tiny_llama_dir / "model.safetensors"))
+    args = recipe.scheme.quant_args()
+    assert len(codes) == 14  # 7 Linears in each of the 2 layers
+    for name, got in codes.items():
+        assert torch.equal(got["qweight"], rtn_quantize(weights[f"{name}.weight"], args).qweight)
