@@ -51,6 +51,7 @@ def check_order(stages: Sequence[StageConfig]) -> list[Violation]:
     """Every requirement that no earlier stage (or layer loop) provides."""
     specs = registered()
     have: set[str] = set()
+    ended: dict[str, str] = {}  # per-layer state -> the whole-model stage that ended its loop
     out: list[Violation] = []
     in_loop = False
     for cfg in stages:
@@ -70,9 +71,18 @@ def check_order(stages: Sequence[StageConfig]) -> list[Violation]:
                 have.update(LOOP_INPUTS)
         elif not per_layer and in_loop:  # the loop ended: its per-layer state is gone
             in_loop = False
+            ended.update({n: cfg.id or cfg.stage for n in have if _scoped(n)})
             have = {n for n in have if not _scoped(n)}
         for need in sorted(cfg.requires() - have):
-            out.append(Violation(where, _unmet(cfg, need, per_layer)))
+            if per_layer and need in ended:
+                msg = (
+                    f"'{cfg.stage}' requires '{need}', which exists only inside the layer loop "
+                    f"that made it; the whole-model stage '{ended[need]}' ends that loop before "
+                    f"'{cfg.id or cfg.stage}': move one of them"
+                )
+            else:
+                msg = _unmet(cfg, need, per_layer)
+            out.append(Violation(where, msg))
         have.update(cfg.provides())
     return out
 

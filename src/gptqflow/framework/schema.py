@@ -50,7 +50,7 @@ class DatasetGroup(_Group):
     calibration_file: str = Field(description="Plain-text calibration file.")
     eval_file: str = Field(description="Plain-text evaluation file (perplexity).")
     num_samples: int = Field(
-        128, ge=1, description="Calibration sequences.", json_schema_extra={"unit": "sequences"}
+        64, ge=1, description="Calibration sequences.", json_schema_extra={"unit": "sequences"}
     )
     seq_len: int = Field(
         512,
@@ -302,7 +302,7 @@ def problems_from_validation(
     return out
 
 
-def _stage_entries(stages_raw: Any) -> tuple[list[tuple[str, Any]], list[Problem]]:
+def stage_entries(stages_raw: Any) -> tuple[list[tuple[str, Any]], list[Problem]]:
     """``stages:`` as (key, entry) pairs in order; entries set to null are left out.
 
     ``stages`` is a mapping from a stage id (the key report.json uses) to the stage's
@@ -385,7 +385,7 @@ def validate_recipe(raw: Mapping[str, Any], *, file: str | None = None) -> Recip
     if stages_raw is None:
         problems.append(Problem("stages", "required key is missing"))
         stages_raw = {}
-    entries, bad = _stage_entries(stages_raw)
+    entries, bad = stage_entries(stages_raw)
     problems += bad
     parsed: list[StageConfig] = []
     adapter: TypeAdapter[Any] = TypeAdapter(stage_union())

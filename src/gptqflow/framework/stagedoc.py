@@ -23,8 +23,7 @@ from pydantic.fields import FieldInfo
 
 from gptqflow.framework.compose import DEFAULT_RECIPE, recipes_dir
 from gptqflow.framework.registry import StageSpec, registered
-from gptqflow.framework.schema import GROUPS, Recipe
-from gptqflow.framework.schema import _stage_entries as stage_entries
+from gptqflow.framework.schema import GROUPS, Recipe, stage_entries
 from gptqflow.framework.stage import StageConfig
 
 REGENERATE = "gptqflow stages --format markdown > docs/stages.md"
