@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from gptqflow.cli import main
@@ -399,7 +400,14 @@ def test_rtn_fallback_is_recorded_and_written(
     # (their inputs do not matter to RTN); the others were solved with GPTQ.
     codes = read_quantized_codes(out / "checkpoint")
     weights = load_file(str(tiny_llama_dir / WEIGHTS))
-    args = QuantArgs(bits=4, group_size=128, symmetric=True, actorder="static", observer="mse")
+    scheme = yaml.safe_load((out / "recipe.yaml").read_text())["scheme"]  # the run's scheme
+    args = QuantArgs(
+        bits=scheme["bits"],
+        group_size=scheme["group_size"],
+        symmetric=scheme["symmetric"],
+        actorder=scheme["actorder"],
+        observer=scheme["observer"],
+    )
     for _, name in modules:
         expected = rtn_quantize(weights[f"{name}.weight"], args)
         assert torch.equal(codes[name]["qweight"], expected.qweight)
