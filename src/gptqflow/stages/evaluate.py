@@ -26,6 +26,7 @@ import torch
 
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.preflight import text_file_problem
+from gptqflow.framework.progress import WorkProgress
 from gptqflow.framework.registry import register_stage
 from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
@@ -37,21 +38,28 @@ log = logging.getLogger("gptqflow")
 
 
 def sharded_perplexity(
-    model: torch.nn.Module, windows: torch.Tensor, ctx: DistContext, progress: bool = False
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    ctx: DistContext,
+    progress: bool = False,
+    desc: str = "perplexity",
 ) -> float:
-    """exp(mean NLL) over ``windows``, each rank evaluating its contiguous share."""
+    """exp(mean NLL) over ``windows``, each rank evaluating its contiguous share.
+
+    Rank 0 shows its share's progress: a bar when ``progress`` (at a terminal), else a
+    log line every ~10 s (minutes of windows on a CPU would otherwise pass in silence).
+    """
     share = ctx.shard(windows.shape[0])
     mine = windows[share.start : share.stop]
     total = torch.zeros(2, dtype=torch.float64)
-    it = mine
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(mine, desc="perplexity", unit="window", leave=False)
-    with torch.inference_mode():
-        for w in it:
+    with (
+        WorkProgress(len(mine), desc, "window", bar=progress, log_lines=ctx.is_main) as shown,
+        torch.inference_mode(),
+    ):
+        for w in mine:
             nll, n = window_nll(model, w, ctx.device)
             total += torch.tensor([nll, n], dtype=torch.float64)
+            shown.update()
     summed, h = ctx.all_reduce_sum(total)
     h.wait()
     return math.exp(float(summed[0]) / float(summed[1]))
@@ -96,9 +104,12 @@ class EvaluateStage(Stage):
                 state.tokenizer, read_text(data.eval_file), data.eval_tokens
             )
         windows = eval_windows(cache[key], data.seq_len, data.eval_tokens)
+        log.info("perplexity (%s): %d windows of %d tokens", label, windows.shape[0], data.seq_len)
         model = state.model.to(ctx.device)
         try:
-            ppl = sharded_perplexity(model, windows, ctx, progress=state.progress)
+            ppl = sharded_perplexity(
+                model, windows, ctx, progress=state.progress, desc=f"perplexity ({label})"
+            )
         finally:
             state.model.to("cpu")
         state.perplexity[label] = ppl
