@@ -47,6 +47,18 @@ def _nothing_written(work: Path) -> None:
             id="unknown-key",
         ),
         pytest.param(
+            ["--config-name", "smollm2_w4a16", "schem.bits=3", "runtime.progres=false"],
+            2,
+            ["schem.bits=3: unknown key", "did you mean 'scheme'?", "output_dir, overwrite"],
+            id="misspelt-group",
+        ),
+        pytest.param(
+            ["--config-name", "smollm2_w4a16", "dataset.num_samples.x=3"],
+            2,
+            ["dataset.num_samples is a single value", "dataset.num_samples=VALUE"],
+            id="key-below-a-value",
+        ),
+        pytest.param(
             ["--config-name", "smollm2_w4a61"],
             2,
             ["--config-name smollm2_w4a61: no recipe", "did you mean 'smollm2_w4a16'?"],

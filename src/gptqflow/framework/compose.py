@@ -182,7 +182,7 @@ def checked_overrides(name: str, dirs: Sequence[Path], overrides: Sequence[str])
     groups = group_options(dirs)
     keys, group_args = [], []
     for o in parsed:
-        head = o.key_or_group.split(".")[0]
+        head = o.key_or_group.split(".")[0].split("/")[0]
         if head == "hydra" or o.package is not None:
             continue  # Hydra's own settings, or a group placed elsewhere (@pkg): Hydra's
         if o.key_or_group in groups:
@@ -281,12 +281,21 @@ def _checked_key(o: Any, cfg: DictConfig, name: str) -> str | None:
         return None
     if _present(cfg, parts):
         return "++" + o.input_line.lstrip("+") if o.is_add() else None
-    allowed = _schema_keys(cfg, parts[:-1], name, o)
+    first = next(i for i in range(len(parts)) if not _present(cfg, parts[: i + 1]))
+    holder = ".".join(parts[:first])
+    if first > 0 and not isinstance(_node(cfg, parts[:first]), DictConfig):
+        raise UsageError(
+            f"{o.input_line}: {holder} is a single value in recipe {name!r}, with no keys "
+            f"below it; set it with {holder}=VALUE"
+        )
+    if parts[0] == "stages" and first == 1 and len(parts) > 2:
+        _schema_keys(cfg, parts[:2], name, o)  # a setting of a stage the recipe has not: refused
+    allowed = _schema_keys(cfg, parts[:first], name, o)
     if allowed is None:
         return None  # a place the schema does not describe (a list, a plugin's stage): Hydra
-    if allowed == ["*"] or parts[-1] in allowed:
-        return "++" + o.input_line.lstrip("+")
-    raise UsageError(_unknown_key(o, cfg, name, parts, allowed=allowed))
+    if allowed == ["*"] or parts[first] in allowed:
+        return "++" + o.input_line.lstrip("+")  # validation checks the value
+    raise UsageError(_unknown_key(o, cfg, name, parts[: first + 1], allowed=allowed))
 
 
 def _schema_keys(cfg: DictConfig, parent: list[str], name: str, o: Any) -> list[str] | None:
@@ -384,6 +393,9 @@ def hydra_message(exc: BaseException) -> str:
             lines.append(line)
     if listing:
         lines[-1] += " " + ", ".join(listing)
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    if cause and cause[0] not in lines:
+        lines.append(cause[0])
     return "; ".join(lines)
 
 
