@@ -7,8 +7,9 @@ dividing by the float32 matmul rate this machine actually reaches gives a lower
 bound on the quantization time; the ratio ``measured / floor`` is how far the
 pipeline is from it.
 
-The counts follow the pipeline's own structure (see ``gptqflow.stages.calibrate``
-and ``gptqflow.gptq.solver``) for a Llama-style decoder layer read from the model's
+The counts follow the pipeline's own structure (see ``gptqflow.framework.layerloop``
+for the one forward of each layer, ``gptqflow.stages.calibrate`` for the Hessians and
+``gptqflow.gptq.solver``) for a Llama-style decoder layer read from the model's
 ``config.json``:
 
 * calibration, per layer and token: ``2·in·out`` for every Linear, attention
@@ -23,9 +24,9 @@ and ``gptqflow.gptq.solver``) for a Llama-style decoder layer read from the mode
 * the embedding capture before the first layer is a gather (no flops), counted 0.
 
 Work the pipeline does on top of the floor (the one-sample ``trace_groups``
-forward per layer, the per-module ``tr((W-Q)H(W-Q)ᵀ)`` reported as ``loss``, the
-per-element quantizer arithmetic, float64 Hessian accumulation) is left out: the
-floor is what any GPTQ implementation with the same calibration must compute.
+forward, once per kind of layer, the per-module ``tr((W-Q)H(W-Q)ᵀ)`` reported as
+``loss``, the per-element quantizer arithmetic, float64 Hessian accumulation) is left
+out: the floor is what any GPTQ implementation with the same calibration must compute.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class LayerShape:
         }
 
     def groups(self) -> list[list[str]]:
-        """Linears that read the same input share one Hessian (what calibrate traces)."""
+        """Linears that read the same input share one Hessian (the layer loop's groups)."""
         return [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
 
 

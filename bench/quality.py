@@ -2,17 +2,19 @@
 
 Why: the benchmark reports perplexity of the float model, RTN and GPTQ at
 W4A16 and W3A16 (group 64), the wall seconds of every stage, the end-to-end
-quantization time and peak RSS, compared with a reference implementation and with
-the floating-point work the quantization cannot avoid. The runs go through the
-project's own recipes and Python API (``gptqflow.compose`` + ``gptqflow.run``), so
-the numbers are the ones a user gets.
+quantization time and peak RSS, and compares the time with the floating-point work
+the quantization cannot avoid. The runs go through the project's own recipes and
+Python API (``gptqflow.compose`` + ``gptqflow.run``), so the numbers are the ones a
+user gets.
 
 Each quantization runs in its own child process: peak RSS (the kernel's
 high-water mark) then belongs to that run alone, and a run never inherits another's
 allocator state or thread settings. The float baseline is evaluated once, by the
-evaluate stage placed before the layer loop in ``smollm2_w4a16`` during the GPTQ W4
-run; the other runs skip it. "Quantization seconds" is the runner's load -> save
-wall time minus the evaluate stages.
+evaluate stage placed before the layer loop in ``smollm2_w4a16`` (id ``baseline``)
+during the GPTQ W4 run; the other runs remove it from their composed recipe.
+"Quantization seconds" is the runner's load -> save wall time minus the evaluate
+stages. Stages are told apart by their kind in the resolved recipe (``stage:``), not
+by their ids, which are whatever the recipe names them.
 
 Run (full size is slow on a 2-core CPU: 4 quantizations and 5 perplexity runs):
     python bench/quality.py --threads 2 --json bench-quality.json
@@ -22,7 +24,6 @@ Run (full size is slow on a 2-core CPU: 4 quantizations and 5 perplexity runs):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -39,19 +40,20 @@ from typing import Any
 import torch
 
 from flops import MatmulRate, count_flops, layer_shape, measure_matmul_rate
+from runinfo import (
+    LOOP_KEY,
+    code_state,
+    cpu_model,
+    ids_of_kind,
+    layer_stage_ids,
+    stage_kinds,
+)
 
 GROUP_SIZE = 64
-# Reference points (another widely used GPTQ implementation, same model, data,
-# scheme, calibration size, on the 2-core machine) and the targets the report checks.
-REFERENCE = {
-    "float32": 26.37,
-    "RTN W4A16 g64": 36.77,
-    "GPTQ W4A16 g64": 32.25,
-    "GPTQ W4A16 g64 seconds": 190.0,
-}
-TARGET_PPL = 31.4
-TARGET_SECONDS = 130.0
-LOOP_STAGES = ("calibrate", "hessian-reduce", "solve", "broadcast")
+# Stage kinds whose time the flop floor's calibration part covers (with the loop's own
+# forward passes, LOOP_KEY), and the kind its solve part covers.
+CALIBRATION_KINDS = ("calibrate", "hessian-reduce")
+SOLVE_KINDS = ("solve",)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Method:
 # Run order: GPTQ W4 first, since it is the one run that keeps the baseline evaluate.
 METHODS = (
     Method("gptq-w4", "GPTQ", 4, "smollm2_w4a16", (), baseline=True),
-    # RTN with plain min-max ranges: the classic baseline the reference numbers use.
+    # RTN with plain min-max ranges: the classic round-to-nearest baseline.
     Method(
         "rtn-w4",
         "RTN",
@@ -95,28 +97,20 @@ TABLE_ORDER = ("rtn-w4", "gptq-w4", "rtn-w3", "gptq-w3")
 
 
 # ---------------------------------------------------------------------- child process
-def stage_kinds(stages: list[dict[str, Any]]) -> dict[str, str]:
-    """Report key -> stage name, keyed as the runner keys them (``evaluate#2`` when repeated)."""
-    seen: dict[str, int] = {}
-    out: dict[str, str] = {}
-    for s in stages:
-        base = s.get("id") or s["stage"]
-        seen[base] = seen.get(base, 0) + 1
-        out[base if seen[base] == 1 else f"{base}#{seen[base]}"] = s["stage"]
-    return out
+def skip_baseline(stages: dict[str, Any]) -> None:
+    """Remove every evaluate stage before the first layer stage (set its entry to null).
 
-
-def skip_baseline(stages: list[dict[str, Any]]) -> None:
-    """Turn off every evaluate stage before the layer loop (``max_tokens: 0`` skips it).
-
-    Done on the composed recipe rather than by a list-index override so that it
-    does not depend on where the recipe puts its baseline evaluate.
+    Done on the composed recipe, by stage kind, so that it does not depend on what the
+    recipe calls its baseline evaluate or where it puts it.
     """
-    for s in stages:
-        if s["stage"] == "calibrate":
+    from gptqflow.framework.registry import registered  # the child runs gptqflow anyway
+
+    specs = registered()
+    for sid, kind in stage_kinds(stages).items():
+        if specs[kind].per_layer:
             return
-        if s["stage"] == "evaluate":
-            s["max_tokens"] = 0
+        if kind == "evaluate":
+            stages[sid] = None
 
 
 def read_hwm_bytes() -> int:
@@ -130,30 +124,6 @@ def read_hwm_bytes() -> int:
     return 0
 
 
-def code_state() -> str:
-    """The commit plus a hash of the uncommitted diff of tracked files.
-
-    Why: the project is edited while benchmarks run; each run records the code it
-    imported so a table mixing two code states is flagged instead of trusted.
-    """
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        diff = subprocess.run(
-            ["git", "-C", str(root), "diff", "HEAD", "--", "src", "recipes"],
-            capture_output=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head if not diff else f"{head}+dirty:{hashlib.sha1(diff).hexdigest()[:8]}"
-
-
 def worker(spec_file: Path) -> None:
     """Compose and run one recipe in this (child) process; write what the parent needs."""
     import gptqflow
@@ -162,15 +132,17 @@ def worker(spec_file: Path) -> None:
     resolved = gptqflow.compose(spec["recipe"], spec["overrides"])
     if spec["skip_baseline"]:
         skip_baseline(resolved["stages"])
-    block = next(s.get("block_size", 128) for s in resolved["stages"] if s["stage"] == "solve")
+    kinds = stage_kinds(resolved["stages"])
+    solve = resolved["stages"][ids_of_kind(kinds, "solve")[0]]
     start = time.perf_counter()
     report = gptqflow.run(resolved)
     wall = time.perf_counter() - start
     result = {
         "api_wall_s": wall,
         "vm_hwm_bytes": read_hwm_bytes(),
-        "stage_kinds": stage_kinds(resolved["stages"]),
-        "block_size": block,
+        "stage_kinds": kinds,
+        "layer_stages": [LOOP_KEY, *layer_stage_ids(report)],
+        "block_size": solve.get("block_size", 128),
         "scheme": resolved["scheme"],
         "code": code_state(),
         "report": report,
@@ -191,7 +163,9 @@ class Row:
     observer: str | None
     perplexity: float
     quant_s: float | None
-    stages: dict[str, float]
+    stages: dict[str, float]  # stage id -> seconds, every stage but the evaluations
+    stage_kinds: dict[str, str]  # stage id -> kind (LOOP_KEY: the loop's own time)
+    layer_stages: list[str]  # LOOP_KEY and the ids of the layer stages, in order
     eval_s: float
     peak_rss_mib: float | None
     quant_peak_rss_mib: float | None
@@ -253,14 +227,14 @@ def make_row(m: Method, res: dict[str, Any]) -> Row:
     """Table row of a quantized model from its child's result."""
     report, kinds = res["report"], res["stage_kinds"]
     st = report["stages"]
-    evals = [k for k, kind in kinds.items() if kind == "evaluate"]
-    eval_s = sum(st[k]["seconds"] for k in evals if k in st)
+    evals = [k for k in ids_of_kind(kinds, "evaluate") if k in st]
+    eval_s = sum(st[k]["seconds"] for k in evals)
     peaks = [int(v["peak_rss_bytes"]) for v in st.values()]
     peaks += [int(r["peak_rss_bytes"]) for r in report.get("ranks", [])]
     peaks.append(int(res["vm_hwm_bytes"]))
     quant_peaks = [int(v["peak_rss_bytes"]) for k, v in st.items() if k not in evals]
-    # The evaluate skipped with max_tokens 0 still has an entry; count only real evaluations.
-    eval_s_quantized = sum(st[k]["seconds"] for k in evals[-1:] if k in st)
+    # The last evaluation is the quantized model's (a removed baseline has no entry).
+    eval_s_quantized = sum(st[k]["seconds"] for k in evals[-1:])
     return Row(
         slug=m.slug,
         method=m.method,
@@ -270,7 +244,9 @@ def make_row(m: Method, res: dict[str, Any]) -> Row:
         observer=str(res["scheme"].get("observer", "minmax")),
         perplexity=float(report["perplexity"]["quantized"]),
         quant_s=float(report["seconds"]) - eval_s,
-        stages={k: float(v["seconds"]) for k, v in st.items() if kinds.get(k) != "evaluate"},
+        stages={k: float(v["seconds"]) for k, v in st.items() if k not in evals},
+        stage_kinds={LOOP_KEY: LOOP_KEY, **kinds},
+        layer_stages=list(res["layer_stages"]),
         eval_s=eval_s_quantized,
         peak_rss_mib=mib(max(peaks)),
         quant_peak_rss_mib=mib(max(quant_peaks)) if quant_peaks else None,
@@ -280,7 +256,7 @@ def make_row(m: Method, res: dict[str, Any]) -> Row:
 def baseline_row(res: dict[str, Any]) -> Row:
     """The float row, from the GPTQ W4 run's baseline evaluate (the first evaluate stage)."""
     report, kinds = res["report"], res["stage_kinds"]
-    first_eval = next(k for k, kind in kinds.items() if kind == "evaluate")
+    first_eval = ids_of_kind(kinds, "evaluate")[0]
     return Row(
         slug="float",
         method="float32",
@@ -291,6 +267,8 @@ def baseline_row(res: dict[str, Any]) -> Row:
         perplexity=float(report["perplexity"]["baseline"]),
         quant_s=None,
         stages={},
+        stage_kinds={},
+        layer_stages=[],
         eval_s=float(report["stages"][first_eval]["seconds"]),
         peak_rss_mib=None,
         quant_peak_rss_mib=None,
@@ -301,13 +279,25 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def loop_columns(rows: list[Row]) -> list[str]:
+    """The layer loop's columns: LOOP_KEY, then every row's layer stage ids, in loop order.
+
+    The row with the most layer stages (GPTQ's) sets the order; ids only other rows have
+    follow.
+    """
+    cols: list[str] = []
+    for r in sorted(rows, key=lambda r: -len(r.layer_stages)):
+        cols += [k for k in r.layer_stages if k not in cols]
+    return cols
+
+
 def table(rows: list[Row], base: float) -> str:
     """The Markdown results table."""
+    cols = loop_columns(rows)
     head = (
-        "| method | bits | group | actorder | observer | perplexity | Δ vs float | quant s "
-        "| calibrate s "
-        "| hessian-reduce s | solve s | broadcast s | load+partition+save s | eval s "
-        "| peak RSS MiB |"
+        "| method | bits | group | actorder | observer | perplexity | Δ vs float | quant s | "
+        + " | ".join(f"{k} s" for k in cols)
+        + " | other stages s | eval s | peak RSS MiB |"
     )
     lines = [head, "|" + " --- |" * head.count(" | ") + " --- |"]
     for r in rows:
@@ -316,8 +306,8 @@ def table(rows: list[Row], base: float) -> str:
             if r.bits is None
             else f"{r.perplexity - base:+.2f} ({r.perplexity / base - 1:+.1%})"
         )
-        other = sum(v for k, v in r.stages.items() if k not in LOOP_STAGES) if r.stages else None
-        loop = [r.stages.get(k) if r.stages else None for k in LOOP_STAGES]
+        other = sum(v for k, v in r.stages.items() if k not in cols) if r.stages else None
+        loop = [r.stages.get(k) if r.stages else None for k in cols]
         lines.append(
             f"| {r.method} | {fmt(r.bits, 'd')} | {fmt(r.group, 'd')} | {r.actorder or '—'} "
             f"| {r.observer or '—'} | {r.perplexity:.2f} | {delta} "
@@ -367,8 +357,9 @@ def floor_block(
     for r in rows:
         if r.method != "GPTQ" or r.quant_s is None:
             continue
-        cal = r.stages.get("calibrate", 0.0) + r.stages.get("hessian-reduce", 0.0)
-        sol = r.stages.get("solve", 0.0)
+        kinds = r.stage_kinds
+        cal = sum(v for k, v in r.stages.items() if kinds.get(k) in (LOOP_KEY, *CALIBRATION_KINDS))
+        sol = sum(v for k, v in r.stages.items() if kinds.get(k) in SOLVE_KINDS)
         ratios[r.slug] = {
             "quant_s": r.quant_s,
             "ratio": r.quant_s / floor_s,
@@ -377,7 +368,7 @@ def floor_block(
         }
         lines.append(
             f"- GPTQ W{r.bits}: quantization {r.quant_s:.1f} s = **{r.quant_s / floor_s:.2f} × floor**; "
-            f"calibrate+hessian-reduce {cal:.1f} s = {cal / cal_floor:.2f} × its floor, "
+            f"forward passes+calibrate+hessian-reduce {cal:.1f} s = {cal / cal_floor:.2f} × its floor, "
             f"solve {sol:.1f} s = {sol / solve_floor:.2f} × its floor."
         )
     data = {
@@ -394,39 +385,20 @@ def floor_block(
     return "\n".join(lines), data
 
 
-def reference_block() -> str:
-    return "\n".join(
-        [
-            "Reference points (issue 2; another GPTQ implementation on the 2-core machine): "
-            f"float32 {REFERENCE['float32']}; RTN W4A16 g64 {REFERENCE['RTN W4A16 g64']}; "
-            f"GPTQ W4A16 g64 {REFERENCE['GPTQ W4A16 g64']} in ~{REFERENCE['GPTQ W4A16 g64 seconds']:.0f} s.",
-            f"Targets: GPTQ W4A16 g64 perplexity ≤ {TARGET_PPL} and quantization ≤ "
-            f"{TARGET_SECONDS:.0f} s (2 threads).",
-        ]
-    )
-
-
-def verdict(rows: list[Row], a: argparse.Namespace) -> str:
-    """GPTQ W4 against the targets, and GPTQ vs RTN at each width."""
+def comparison(rows: list[Row]) -> str:
+    """GPTQ against RTN at each width and against the float model: measured numbers and ratios."""
     by = {r.slug: r for r in rows}
+    base = by["float"].perplexity
     lines = []
-    w4 = by["gptq-w4"]
-    full = (a.num_samples, a.seq_len, a.eval_tokens) == (64, 512, 40960)
-    ok = "met" if w4.perplexity <= TARGET_PPL else "MISSED"
-    lines.append(
-        f"GPTQ W4 perplexity {w4.perplexity:.2f} vs target ≤ {TARGET_PPL}: {ok}"
-        + ("" if full else " (not the full-size setting: not comparable)")
-    )
-    assert w4.quant_s is not None
-    ok = "met" if w4.quant_s <= TARGET_SECONDS else "MISSED"
-    lines.append(
-        f"GPTQ W4 quantization {w4.quant_s:.1f} s vs target ≤ {TARGET_SECONDS:.0f} s: {ok}"
-        + ("" if a.threads == 2 and full else " (the target is for 2 threads at full size)")
-    )
     for bits in (4, 3):
         g, r = by[f"gptq-w{bits}"], by[f"rtn-w{bits}"]
-        better = "beats" if g.perplexity < r.perplexity else "DOES NOT beat"
-        lines.append(f"GPTQ W{bits} {g.perplexity:.2f} {better} RTN W{bits} {r.perplexity:.2f}")
+        lines.append(
+            f"W{bits}: perplexity GPTQ {g.perplexity:.2f} / RTN {r.perplexity:.2f} = "
+            f"{g.perplexity / r.perplexity:.3f}; vs float {base:.2f}: GPTQ "
+            f"{g.perplexity / base:.3f}×, RTN {r.perplexity / base:.3f}×; quantization GPTQ "
+            f"{fmt(g.quant_s)} s / RTN {fmt(r.quant_s)} s"
+            + (f" = {g.quant_s / r.quant_s:.1f}×" if g.quant_s is not None and r.quant_s else "")
+        )
     return "\n".join(lines)
 
 
@@ -550,12 +522,15 @@ def main(argv: list[str] | None = None) -> None:
         f"SmolLM2-135M-Instruct, float32, group {GROUP_SIZE}; calibration {a.num_samples} × "
         f"{a.seq_len} tokens (wikitext2-valid), perplexity on the first {a.eval_tokens} tokens of "
         f"wikitext2-test in windows of {a.seq_len}; {a.threads} torch thread(s); "
-        f"torch {torch.__version__}, {platform.machine()}, {default_threads()} cores visible."
+        f"torch {torch.__version__}, {cpu_model()} ({platform.machine()}), "
+        f"{default_threads()} cores visible."
     )
     print(f"## Quality and speed\n\n{header}\n\n{table(rows, base.perplexity)}\n")
     print(
-        "quant s = load → save wall seconds without the evaluate stages; eval s = one perplexity "
-        "run; peak RSS = the child process's high-water mark over the whole run.\n"
+        "quant s = load → save wall seconds without the evaluate stages; "
+        f"{LOOP_KEY} s = the layer loop's own time (input capture, forward passes), the next "
+        "columns its stages' time; other stages s = the rest but the evaluations; eval s = one "
+        "perplexity run; peak RSS = the child process's high-water mark over the whole run.\n"
     )
     codes = {k: res.get("code", "unknown") for k, res in results.items()}
     code_line = f"Code: {', '.join(sorted(set(codes.values())))}."
@@ -567,8 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(code_line + "\n")
     print(f"## Floating-point floor\n\n{floor_md}\n")
-    print(reference_block())
-    print(verdict(rows, a))
+    print(comparison(rows))
     if a.json is not None:
         doc = {
             "settings": {
@@ -579,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
                 "group_size": GROUP_SIZE,
                 "torch": torch.__version__,
                 "cores_visible": default_threads(),
+                "cpu": cpu_model(),
                 "python": platform.python_version(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_average": loads,
@@ -586,7 +561,6 @@ def main(argv: list[str] | None = None) -> None:
             },
             "rows": [asdict(r) for r in rows],
             "floor": floor_data,
-            "reference": REFERENCE,
             "runs": results,
         }
         a.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -4,9 +4,12 @@ One thread per rank (``OMP_NUM_THREADS=1``, ``runtime.num_threads=1``) makes the
 the only parallelism, so the speedup measures the distributed design, not threading.
 Also runs one process using every core, the fair single-process baseline.
 
-Prints per-stage wall seconds (rank 0), the speedup of the layer loop, per-rank busy
-time, per-layer load imbalance, bytes communicated, the share of wall time spent in
-the collectives, and how many quantized integers agree with the one-rank run.
+Prints per-stage wall seconds (rank 0), the speedup of the layer loop (its own time,
+``layer-loop``: input capture and forward passes, plus every layer stage), per-rank busy
+time, per-layer load imbalance of the divided work (solve), bytes communicated, the
+share of wall time spent in the collective stages, and how many quantized integers
+agree with the one-rank run. Stages are classified by their kind in each run's
+``recipe.yaml``, not by their ids.
 
     python bench/scaling.py                      # SmolLM2-135M, 64 x 512 calibration
     python bench/scaling.py --model /tmp/tiny --num-samples 8 --seq-len 128   # smoke run
@@ -26,13 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from gptqflow.modeling.checkpoint import read_quantized_codes
+from runinfo import LOOP_KEY, ids_of_kind, loop_seconds, read_run
 
-LOOP = ("calibrate", "hessian-reduce", "solve", "broadcast")
-COMM = ("hessian-reduce", "broadcast")
+# Stage kinds whose time is mostly collectives, and kinds whose per-rank time is busy work.
+COMM_KINDS = ("hessian-reduce", "broadcast")
+BUSY_KINDS = ("calibrate", "solve")
+
+Run = tuple[dict[str, Any], dict[str, str]]  # report.json, stage id -> kind
 
 
-def run(name: str, out: Path, world: int, threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One `gptqflow run` in a fresh process; returns its report."""
+def run(name: str, out: Path, world: int, threads: int, args: argparse.Namespace) -> Run:
+    """One `gptqflow run` in a fresh process; returns its report and stage kinds."""
     cmd = [
         sys.executable,
         "-m",
@@ -57,7 +64,7 @@ def run(name: str, out: Path, world: int, threads: int, args: argparse.Namespace
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
-    return json.loads((out / "report.json").read_text())
+    return read_run(out)
 
 
 def agreement(a: Path, b: Path) -> float:
@@ -71,15 +78,13 @@ def agreement(a: Path, b: Path) -> float:
     return same / total
 
 
-def loop_seconds(report: dict[str, Any]) -> float:
-    return sum(report["stages"][s]["seconds"] for s in LOOP)
-
-
-def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
-    base = reports["1 rank x 1 thread"]
+def summarize(runs: dict[str, Run], dirs: dict[str, Path]) -> str:
+    reports = {name: report for name, (report, _) in runs.items()}
+    base, base_kinds = runs["1 rank x 1 thread"]
     lines = ["| stage | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]
-    stages = [s for s in base["stages"] if s not in ("evaluate", "evaluate#2")]
-    for s in [*stages, "evaluate", "evaluate#2"]:
+    evals = ids_of_kind(base_kinds, "evaluate")
+    stages = [s for s in base["stages"] if s not in evals]
+    for s in [*stages, *evals]:
         if all(s in r["stages"] for r in reports.values()):
             lines.append(
                 f"| {s} | "
@@ -93,17 +98,14 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
     )
     lines.append("| total | " + " | ".join(f"{r['seconds']:.1f}" for r in reports.values()) + " |")
     out = ["\n".join(lines), ""]
-    for name, r in reports.items():
+    for name, (r, kinds) in runs.items():
         speed = loop_seconds(base) / loop_seconds(r)
-        comm = sum(r["stages"][s]["seconds"] for s in COMM)
+        comm = sum(r["stages"][s]["seconds"] for s in ids_of_kind(kinds, *COMM_KINDS))
         imb = [layer["imbalance"] for layer in r["layers"]]
         cpu_imb = [layer.get("busy_imbalance", math.nan) for layer in r["layers"]]
+        busy_ids = [LOOP_KEY, *ids_of_kind(kinds, *BUSY_KINDS)]
         busy = [
-            {
-                s: round(rk["stages"][s]["seconds"], 1)
-                for s in ("calibrate", "solve")
-                if s in rk["stages"]
-            }
+            {s: round(rk["stages"][s]["seconds"], 1) for s in busy_ids if s in rk["stages"]}
             for rk in r["ranks"]
         ]
         agree = agreement(dirs["1 rank x 1 thread"] / "checkpoint", dirs[name] / "checkpoint")
@@ -113,7 +115,7 @@ def summarize(reports: dict[str, dict[str, Any]], dirs: dict[str, Path]) -> str:
         out.append(
             f"- {name}: layer-loop speedup {speed:.2f}x; collectives {comm:.1f}s = "
             f"{100 * comm / r['seconds']:.1f}% of wall; {r['bytes_communicated'] / 2**20:.0f} MiB sent by rank 0; "
-            f"solve imbalance (wall) max {max(imb):.3f} / median {statistics.median(imb):.3f}, "
+            f"work imbalance (wall) max {max(imb):.3f} / median {statistics.median(imb):.3f}, "
             f"(CPU) max {max(cpu_imb):.3f} / median {statistics.median(cpu_imb):.3f}; busy per rank {busy}; "
             f"codes equal to 1 rank: {100 * agree:.4f}%; perplexity vs 1 rank: {dppl}"
         )
@@ -145,14 +147,15 @@ def main() -> None:
         "2 ranks x 1 thread": (2, 1),
         f"1 rank x {args.cores} threads": (1, args.cores),
     }
-    reports, dirs = {}, {}
+    runs: dict[str, Run] = {}
+    dirs: dict[str, Path] = {}
     for name, (world, threads) in plan.items():
         dirs[name] = root / name.replace(" ", "")
-        reports[name] = run(name, dirs[name], world, threads, args)
+        runs[name] = run(name, dirs[name], world, threads, args)
     print()
-    print(summarize(reports, dirs))
+    print(summarize(runs, dirs))
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=2))
+        args.json.write_text(json.dumps({k: r for k, (r, _) in runs.items()}, indent=2))
 
 
 if __name__ == "__main__":
