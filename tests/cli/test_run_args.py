@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gptqflow.framework.compose import RUN_RECIPE, UsageError, did_you_mean
+from gptqflow.errors import UsageError
+from gptqflow.framework.compose import RUN_RECIPE, did_you_mean
 from gptqflow.framework.launcher import parse_run_args
 
 

@@ -26,18 +26,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gptqflow.errors import GptqflowError
+from gptqflow.errors import GptqflowError, UsageError
 
 #: The recipe everything else derives from (the stage order of ``gptqflow stages``).
 DEFAULT_RECIPE = "gptq_w4a16"
 #: What ``gptqflow run`` runs without ``--config-name``: SmolLM2-135M, minutes on a CPU.
 RUN_RECIPE = "smollm2_quick"
-
-
-class UsageError(GptqflowError):
-    """A command line that names something that does not exist (exit status 2, not 1)."""
-
-    exit_code = 2
 
 
 def project_root() -> Path:

@@ -27,10 +27,9 @@ from typing import Any
 
 import yaml
 
-from gptqflow.errors import GptqflowError
+from gptqflow.errors import GptqflowError, UsageError
 from gptqflow.framework.compose import (
     RUN_RECIPE,
-    UsageError,
     check_missing,
     check_recipe_name,
     checked_overrides,
