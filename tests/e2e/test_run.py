@@ -67,6 +67,10 @@ def test_checkpoint_reloads_with_same_logits(tiny_run: tuple[Path, Runner]) -> N
     out, runner = tiny_run
     assert runner.state is not None
     in_memory = runner.state.model
+    store = runner.state.weights
+    assert store is not None, "the model was streamed (model.weights=stream, the default)"
+    for i in range(len(store.layers)):  # read back from the checkpoint the run wrote
+        store.materialize(i)
     loaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint", dtype=torch.float32)
     ids = torch.randint(
         0, in_memory.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)
@@ -210,8 +214,8 @@ def test_rtn_recipe_runs_without_calibration(tiny_llama_dir: Path, tmp_path: Pat
         "baseline",
         "solve",
         "broadcast",
-        "quantized",
         "save",
+        "quantized",
     ]
     report = execute(resolved)
     assert report["status"] == "ok" and report["tokens_calibrated"] == 0

@@ -1,4 +1,9 @@
-"""Seconds and peak resident memory per stage: what report.json's ``stages`` holds."""
+"""Seconds and peak resident memory per stage: what report.json's ``stages`` holds.
+
+On a CUDA device the clock also records each stage's peak device memory
+(``peak_device_bytes``, from the caching allocator) and synchronises the device
+before reading the time, so a stage's seconds include its queued kernels.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
 
 
 def _read_hwm() -> int | None:
@@ -39,21 +46,40 @@ def peak_rss() -> int:
 
 
 class StageClock:
-    """Accumulates wall seconds and peak RSS per stage id."""
+    """Accumulates wall seconds and peak RSS (and peak device memory on CUDA) per stage id."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.stats: dict[str, dict[str, float | int]] = {}
+        self.cuda = device if device is not None and device.type == "cuda" else None
 
-    def add(self, key: str, seconds: float, rss: int) -> None:
+    def add(self, key: str, seconds: float, rss: int, device_bytes: int | None = None) -> None:
         s = self.stats.setdefault(key, {"seconds": 0.0, "peak_rss_bytes": 0})
         s["seconds"] = float(s["seconds"]) + seconds
         s["peak_rss_bytes"] = max(int(s["peak_rss_bytes"]), rss)
+        if device_bytes is not None:
+            s["peak_device_bytes"] = max(int(s.get("peak_device_bytes", 0)), device_bytes)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work, so the time read next includes it."""
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+
+    def reset_device_peak(self) -> None:
+        if self.cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self.cuda)
+
+    def device_peak(self) -> int | None:
+        """Peak device bytes since the last reset (None off CUDA)."""
+        return None if self.cuda is None else int(torch.cuda.max_memory_allocated(self.cuda))
 
     @contextmanager
     def measure(self, key: str) -> Iterator[None]:
         reset_hwm()
+        self.sync()
+        self.reset_device_peak()
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.add(key, time.perf_counter() - start, peak_rss())
+            self.sync()
+            self.add(key, time.perf_counter() - start, peak_rss(), self.device_peak())

@@ -1,8 +1,11 @@
 """The layer loop: decoder layers one at a time, each stage's hooks in recipe order.
 
 The runner hands each run of consecutive layer stages (see
-:mod:`gptqflow.framework.stage`) to one :class:`LayerLoop`. For every decoder layer:
+:mod:`gptqflow.framework.stage`) to one :class:`LayerLoop`. ``before_loop`` of every
+stage runs once first, ``after_loop`` once at the end. For every decoder layer:
 
+0. with streamed weights (``state.weights``), the layer's tensors are read from the
+   files (see :mod:`gptqflow.modeling.weights`);
 1. ``before_layer`` of every stage;
 2. when a stage requires ``layer.inputs``/``group.inputs``: one forward pass of the layer
    over this rank's hidden states. Pre-hooks on the target modules stop at the first
@@ -12,7 +15,10 @@ The runner hands each run of consecutive layer stages (see
    runs on whatever the stages installed (o_proj sees the outputs of the quantized
    q/k/v), and one forward per layer does both the statistics and the propagation.
    Without such a stage no forward runs at all: every target module is its own group;
-3. ``after_layer`` of every stage; the outputs become the next layer's inputs.
+3. ``after_layer`` of every stage; the outputs become the next layer's inputs;
+4. with streamed weights, the layer's tensors are dropped if a stage relocated them
+   (wrote them where they can be read again); otherwise the layer stays in memory
+   and the loop says so.
 
 Sequential across layers (the inputs of layer i+1 are the outputs of the finished layer
 i) and deterministic: every Linear computes sample by sample, so a rank's results do not
@@ -26,7 +32,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -88,15 +94,18 @@ def _imbalance(seconds: list[float]) -> float:
 class _Timer:
     """Wall and CPU seconds of each stage's hooks during one layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None]) -> None:
         self.seconds: dict[str, list[float]] = {}
+        self.sync = sync  # waits for queued device work (CUDA), so times include it
 
     @contextmanager
     def time(self, sid: str) -> Iterator[None]:
+        self.sync()
         wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
+            self.sync()
             got = self.seconds.setdefault(sid, [0.0, 0.0])
             got[0] += time.perf_counter() - wall
             got[1] += time.process_time() - cpu
@@ -124,6 +133,7 @@ class LayerLoop:
         )
         self._group_cache: dict[Any, list[list[str]]] = {}
         self.n_layers = 0
+        self._kept = 0  # changed layers that could not be released (streamed weights)
 
     # -------------------------------------------------------------- the loop
     def run(self, state: PipelineState) -> None:
@@ -136,11 +146,14 @@ class LayerLoop:
         n_layers = self.n_layers = len(layers)
         hidden: torch.Tensor | None = None
         kwargs: dict[str, Any] = {}
+        self.clock.reset_device_peak()
         with self.clock.measure(LOOP_KEY):
             if self.needs_inputs:
                 assert state.samples is not None, "contracts: the loop's inputs need samples"
                 x, kw = capture_layer_inputs(state.model, layers[0], state.samples)
                 hidden, kwargs = x.to(ctx.device), to_device(kw, ctx.device)
+            for _sid, stage in self.stages:
+                stage.before_loop(state, ctx)
             first, restored = self.resume.restore(state, n_layers, self._restore_layer(prefix))
         if restored is not None:
             hidden = restored.to(ctx.device)
@@ -156,7 +169,7 @@ class LayerLoop:
                 inputs=hidden,
                 kwargs=kwargs,
             )
-            timer = _Timer()
+            timer = _Timer(self.clock.sync)
             start = time.perf_counter()
             self._process(layer, timer)
             seconds = time.perf_counter() - start
@@ -167,11 +180,21 @@ class LayerLoop:
             bar.layer_done(seconds)
             hidden = layer.outputs
             self.resume.after_layer(state, layer, self.stages, n_layers)
+        for sid, stage in self.stages:
+            if type(stage).after_loop is not Stage.after_loop:  # timed only where there is work
+                with self.clock.measure(sid):
+                    stage.after_loop(state, ctx)
+        if self._kept:
+            log.warning(
+                "%d changed decoder layer(s) stay in memory: no stage of the loop wrote them "
+                "out (the streaming save does); memory grows with depth",
+                self._kept,
+            )
         if self.resume.write_seconds:
             self.clock.add("resume-point", self.resume.write_seconds, 0)
-        rss = peak_rss()
+        rss, device = peak_rss(), self.clock.device_peak()
         for sid in (LOOP_KEY, *(sid for sid, _ in self.stages)):
-            self.clock.add(sid, 0.0, rss)
+            self.clock.add(sid, 0.0, rss, device)
 
     @staticmethod
     def _targets(module: nn.Module, name: str, recipe: Any) -> dict[str, nn.Module]:
@@ -181,6 +204,10 @@ class LayerLoop:
     def _process(self, layer: LayerRun, timer: _Timer) -> None:
         """One layer: before_layer hooks, the forward with group hooks, after_layer hooks."""
         ctx = self.ctx
+        store = layer.state.weights
+        if store is not None:
+            store.materialize(layer.index)
+            store.mark_changed(layer.index)
         layer.module.to(ctx.device)
         try:
             for sid, stage in self.stages:
@@ -196,6 +223,12 @@ class LayerLoop:
                     stage.after_layer(layer, ctx)
         finally:
             layer.module.to("cpu")
+        self._release(layer.state, layer.index)
+
+    def _release(self, state: PipelineState, index: int) -> None:
+        """Drop a finished layer's streamed tensors when they can be read again."""
+        if state.weights is not None and not state.weights.release(index):
+            self._kept += 1
 
     def _group(
         self,
@@ -264,12 +297,16 @@ class LayerLoop:
         """Rebuilds a finished layer from a resume point: each stage reapplies its part."""
 
         def restore(state: PipelineState, index: int, saved: dict[str, Any]) -> None:
+            if state.weights is not None:
+                state.weights.materialize(index)
+                state.weights.mark_changed(index)
             module = decoder_layers(state.model)[1][index]
             name = f"{prefix}.{index}"
             layer = LayerRun(state, index, name, module, self._targets(module, name, state.recipe))
             for sid, stage in self.stages:
                 if sid in saved:
                     stage.restore_layer(layer, saved[sid], self.ctx)
+            self._release(state, index)
 
         return restore
 

@@ -47,7 +47,7 @@ class Runner:
         self.ctx = ctx
         self.ids = [c.id for c in recipe.stages]
         self.stages = [build_stage(c, recipe) for c in recipe.stages]
-        self.clock = StageClock()
+        self.clock = StageClock(ctx.device)
         self.output_dir = Path(recipe.output_dir)
         self.resume = ResumePoints(self.output_dir, recipe, ctx)
         self.state: PipelineState | None = None  # kept after run() for inspection and tests
@@ -143,6 +143,8 @@ class Runner:
             "peak_rss_bytes": peak,
             "fallbacks": state.fallbacks,
             "cpu_cores": self.cpu_cores,
+            # Bytes of decoder-layer tensors this rank read from files (streamed weights).
+            "weights_read_bytes": 0 if state.weights is None else state.weights.bytes_read,
         }
         # Calibration tokens of this rank (its samples x seq_len) once a layer used them.
         mine["tokens_calibrated"] = state.tokens_calibrated
@@ -164,6 +166,9 @@ class Runner:
             "seq_len": r.dataset.seq_len,
             "tokens_calibrated": sum(int(x.get("tokens_calibrated", 0)) for x in ranks),
             "model": r.model.path,
+            # How the weights were held: "stream" (layer by layer from the files) or
+            # "eager" (the whole model), with the reason when streaming was not possible.
+            "weights": dict(state.weights_mode),
             "seconds": seconds,
             "stages": self.clock.stats,
             "perplexity": dict(state.perplexity),

@@ -42,6 +42,14 @@ class ModelGroup(_Group):
         description="Load pickle weights (*.bin, *.pt) when the dir has no safetensors "
         "(unpickling can run code).",
     )
+    weights: Literal["stream", "eager"] = Field(
+        "stream",
+        description="stream: build the model on the meta device and read each decoder "
+        "layer's tensors from the safetensors files only while it is processed (memory: "
+        "one layer plus embeddings); eager: read the whole model at load. A model whose "
+        "files cannot be streamed (pickle weights, tensors renamed at load) is loaded "
+        "eagerly, and the log and report.json say why.",
+    )
 
 
 class DatasetGroup(_Group):

@@ -76,7 +76,7 @@ class StageConfig(BaseModel):
         return []
 
 
-_LAYER_HOOKS = ("before_layer", "on_group", "after_layer")
+_LAYER_HOOKS = ("before_loop", "before_layer", "on_group", "after_layer", "after_loop")
 
 
 class Stage:
@@ -99,6 +99,9 @@ class Stage:
     def run(self, state: PipelineState, ctx: DistContext) -> None:
         """Whole-model work, once."""
 
+    def before_loop(self, state: PipelineState, ctx: DistContext) -> None:
+        """Once, before the loop's first layer (also when a resumed run restores layers)."""
+
     def before_layer(self, layer: LayerRun, ctx: DistContext) -> None:
         """Before the layer's forward (its inputs, if the loop computes them, are ready)."""
 
@@ -106,7 +109,16 @@ class Stage:
         """One group of target modules that read the same input, before they run."""
 
     def after_layer(self, layer: LayerRun, ctx: DistContext) -> None:
-        """After the layer's forward (its outputs are the next layer's inputs)."""
+        """After the layer's forward (its outputs are the next layer's inputs).
+
+        With streamed weights (``state.weights``) the loop drops a changed layer's
+        tensors after this hook only if a stage relocated them
+        (:meth:`gptqflow.modeling.weights.WeightStore.relocate`); otherwise the layer
+        stays in memory.
+        """
+
+    def after_loop(self, state: PipelineState, ctx: DistContext) -> None:
+        """Once, after the loop's last layer."""
 
     # -------------------------------------------------------------- resume
     def save_layer(self, layer: LayerRun) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from torch import nn
 from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.types import QuantResult
+from gptqflow.modeling.weights import WeightStore
 
 if TYPE_CHECKING:
     from gptqflow.framework.schema import Recipe
@@ -87,10 +88,16 @@ class PipelineState:
     model: Any = None  # transformers PreTrainedModel
     tokenizer: Any = None
     model_dir: Path | None = None
+    # Streamed decoder-layer weights (None: the whole model is in memory).
+    weights: WeightStore | None = None
+    # How the weights were loaded, for report.json: {"mode": ..., "reason": ...}.
+    weights_mode: dict[str, str] = field(default_factory=lambda: {"mode": "eager"})
     samples: torch.Tensor | None = None  # this rank's calibration token ids [n_local, seq_len]
     sample_range: range = range(0)
     # Every quantized module (after the loop: all of them, on every rank), by module name.
     quantized: dict[str, QuantResult] = field(default_factory=dict)
+    # Quantized modules already written out (the streaming save) and dropped from ``quantized``.
+    written_quantized: int = 0
     perplexity: dict[str, float | None] = field(
         default_factory=lambda: {"baseline": None, "quantized": None}
     )
@@ -106,7 +113,7 @@ class PipelineState:
 
     @property
     def is_quantized(self) -> bool:
-        return bool(self.quantized)
+        return bool(self.quantized) or self.written_quantized > 0
 
 
 @dataclass

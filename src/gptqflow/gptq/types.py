@@ -50,7 +50,8 @@ class QuantResult:
     ``zero_point``: (rows, n_groups) int8 (all zeros when symmetric).
     ``g_idx``: (cols,) int32 group of each input column, only when actorder
     "group" changed group membership; otherwise ``None`` (group = col // group_size).
-    ``dequant``: ``(qweight - zero_point[g]) * scale[g]`` in the weight's dtype.
+    ``dequant``: ``(qweight - zero_point[g]) * scale[g]`` in the weight's dtype (empty in
+    the records ``state.quantized`` keeps: the installed weight is the module's own).
     ``loss``: GPTQ objective ``tr((W-Q) H (W-Q)^T)`` with the (undamped) Hessian
     given to the solver (float, for reporting).
     ``damp``: the dampening fraction that made the Cholesky succeed.

@@ -94,3 +94,117 @@ def _maybe_progress(windows: torch.Tensor, progress: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(windows, desc="perplexity", unit="window", disable=False)
+
+
+#: Reads decoder layer ``i`` into memory (streamed weights) and returns it.
+LayerGetter = Callable[[int], torch.nn.Module]
+
+
+def layerwise_nll(
+    model: Any,
+    windows: torch.Tensor,
+    device: torch.device | str,
+    materialize: LayerGetter | None = None,
+    release: Callable[[int], Any] | None = None,
+    step: Callable[[], None] | None = None,
+) -> tuple[float, int]:
+    """Summed NLL (float64) and predicted tokens of ``windows``, one decoder layer at a time.
+
+    The same numbers as :func:`window_nll` on each window (each window still runs on
+    its own, with the same operations), but only one decoder layer is on ``device``
+    at a time, and with streamed weights (``materialize``/``release``) only one is in
+    memory: the hidden states of every window wait between layers instead. The final
+    norm and head run through the model's own forward with the decoder layers
+    replaced by the finished hidden states, so no architecture detail is copied here.
+    ``step`` is called after each layer and after the head of each window.
+    """
+    from gptqflow.modeling.forward import capture_layer_inputs, to_device
+    from gptqflow.modeling.structure import decoder_layers
+
+    _prefix, layers = decoder_layers(model)
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    hidden: list[torch.Tensor] = []
+    kwargs: dict[str, Any] = {}
+    tuple_out = False
+    try:
+        with torch.inference_mode():
+            for w in windows:
+                x, kwargs = capture_layer_inputs(model, layers[0], w.reshape(1, -1))
+                hidden.append(x)
+            on_device = to_device(kwargs, torch.device(device))
+            for i in range(len(layers)):
+                layer = materialize(i) if materialize is not None else layers[i]
+                layer.to(device)
+                try:
+                    for j, x in enumerate(hidden):
+                        out = layer(x.to(device), **on_device)
+                        tuple_out = isinstance(out, tuple)
+                        hidden[j] = (out[0] if tuple_out else out).to("cpu")
+                finally:
+                    layer.to("cpu")
+                    if release is not None:
+                        release(i)
+                if step is not None:
+                    step()
+            return _head_nll(model, layers, windows, hidden, device, tuple_out, step)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _head_nll(
+    model: Any,
+    layers: torch.nn.ModuleList,
+    windows: torch.Tensor,
+    hidden: list[torch.Tensor],
+    device: torch.device | str,
+    tuple_out: bool,
+    step: Callable[[], None] | None,
+) -> tuple[float, int]:
+    """The model's forward with its decoder layers answering from ``hidden``: NLL sums."""
+    current: list[torch.Tensor] = []
+
+    def first(*_args: Any, **_kw: Any) -> Any:
+        h = current[0]
+        return (h,) if tuple_out else h
+
+    def passthrough(*args: Any, **kw: Any) -> Any:
+        h = args[0] if args else kw["hidden_states"]
+        return (h,) if tuple_out else h
+
+    for i, layer in enumerate(layers):
+        layer.forward = first if i == 0 else passthrough
+    moved = _outside_layers_to(model, device)
+    total, count = 0.0, 0
+    try:
+        for w, h in zip(windows, hidden):
+            current[:] = [h.to(device)]
+            nll, n = window_nll(model, w, device)
+            total += nll
+            count += n
+            if step is not None:
+                step()
+    finally:
+        for layer in layers:
+            del layer.forward
+        if moved:
+            _outside_layers_to(model, "cpu")
+    return total, count
+
+
+def _outside_layers_to(model: Any, device: torch.device | str) -> bool:
+    """Move the materialised tensors (those outside streamed layers) to ``device``."""
+    if torch.device(device).type == "cpu":
+        return False
+    for module in model.modules():
+        for registry in (module._parameters, module._buffers):
+            for key, t in registry.items():
+                if t is not None and not t.is_meta:
+                    moved = t.to(device)
+                    registry[key] = (
+                        torch.nn.Parameter(moved, requires_grad=False)
+                        if isinstance(t, torch.nn.Parameter)
+                        else moved
+                    )
+    return True

@@ -113,7 +113,9 @@ def install(module: nn.Module, codes: dict[str, Any], args: QuantArgs) -> QuantR
         scale=scale.cpu(),
         zero_point=zp.cpu(),
         g_idx=None if g_idx is None else g_idx.cpu(),
-        dequant=weight.data,
+        # The weight lives in the module; a reference here would keep the layer's device
+        # copy alive after the loop moved the layer back to the CPU.
+        dequant=torch.empty(0, dtype=weight.dtype),
         loss=float(codes["loss"]),
         damp=float(codes["damp"]),
     )

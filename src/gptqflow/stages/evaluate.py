@@ -31,14 +31,15 @@ from gptqflow.framework.registry import register_stage
 from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import PipelineState, Slot
-from gptqflow.modeling.perplexity import eval_windows, window_nll
+from gptqflow.modeling.perplexity import eval_windows, layerwise_nll
+from gptqflow.modeling.structure import decoder_layers
 from gptqflow.modeling.text import read_text, tokenize_text
 
 log = logging.getLogger("gptqflow")
 
 
 def sharded_perplexity(
-    model: torch.nn.Module,
+    state: PipelineState,
     windows: torch.Tensor,
     ctx: DistContext,
     progress: bool = False,
@@ -46,21 +47,31 @@ def sharded_perplexity(
 ) -> float:
     """exp(mean NLL) over ``windows``, each rank evaluating its contiguous share.
 
-    Rank 0 shows its share's progress: a bar when ``progress`` (at a terminal), else a
-    log line every ~10 s (minutes of windows on a CPU would otherwise pass in silence).
+    The model runs one decoder layer at a time (:func:`layerwise_nll`): only that
+    layer is on the device, and with streamed weights only that layer is in memory.
+    Rank 0 shows progress (one step per layer and per window's head): a bar when
+    ``progress`` (at a terminal), else a log line every ~10 s.
     """
     share = ctx.shard(windows.shape[0])
     mine = windows[share.start : share.stop]
-    total = torch.zeros(2, dtype=torch.float64)
-    with (
-        WorkProgress(len(mine), desc, "window", bar=progress, log_lines=ctx.is_main) as shown,
-        torch.inference_mode(),
-    ):
-        for w in mine:
-            nll, n = window_nll(model, w, ctx.device)
-            total += torch.tensor([nll, n], dtype=torch.float64)
-            shown.update()
-    summed, h = ctx.all_reduce_sum(total)
+    store = state.weights
+    n_layers = len(decoder_layers(state.model)[1])
+    with WorkProgress(
+        n_layers + len(mine), desc, "step", bar=progress, log_lines=ctx.is_main
+    ) as shown:
+        nll, n = (
+            layerwise_nll(
+                state.model,
+                mine,
+                ctx.device,
+                materialize=None if store is None else store.materialize,
+                release=None if store is None else store.release,
+                step=shown.update,
+            )
+            if len(mine)
+            else (0.0, 0)
+        )
+    summed, h = ctx.all_reduce_sum(torch.tensor([nll, n], dtype=torch.float64))
     h.wait()
     return math.exp(float(summed[0]) / float(summed[1]))
 
@@ -105,13 +116,9 @@ class EvaluateStage(Stage):
             )
         windows = eval_windows(cache[key], data.seq_len, data.eval_tokens)
         log.info("perplexity (%s): %d windows of %d tokens", label, windows.shape[0], data.seq_len)
-        model = state.model.to(ctx.device)
-        try:
-            ppl = sharded_perplexity(
-                model, windows, ctx, progress=state.progress, desc=f"perplexity ({label})"
-            )
-        finally:
-            state.model.to("cpu")
+        ppl = sharded_perplexity(
+            state, windows, ctx, progress=state.progress, desc=f"perplexity ({label})"
+        )
         state.perplexity[label] = ppl
         log.info("perplexity (%s): %.4f", label, ppl)
 

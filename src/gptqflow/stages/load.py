@@ -2,11 +2,15 @@
 
 Reads the ``model`` group (``model.path``, ``model.dtype``, ``model.trust_remote_code``:
 never run the dir's code unless true, ``model.allow_pickle``: refuse ``*.bin``/``*.pt``
-weights unless true).
+weights unless true, ``model.weights``: ``stream`` or ``eager``).
 Requires: nothing. Provides: ``model``, ``tokenizer``.
-Collectives: none (every rank loads its own copy).
-Each decoder layer is moved to the execution device only while it is processed,
-so a model larger than device memory can be quantized.
+Collectives: none (every rank reads what it needs from the files).
+With ``model.weights=stream`` (the default) the model is built on the meta device and
+only the tensors outside the decoder layers are read here; each layer's tensors are
+read from the files when the layer is processed and released afterwards
+(:mod:`gptqflow.modeling.weights`), so a rank holds one layer, not the model. Each
+decoder layer is on the execution device only while it is processed, so a model
+larger than device memory can be quantized.
 
 ```yaml
 stages:
@@ -28,6 +32,7 @@ from gptqflow.framework.registry import register_stage
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import PipelineState
 from gptqflow.modeling.modeldir import check_model_dir
+from gptqflow.modeling.weights import build_streamed
 
 log = logging.getLogger("gptqflow")
 
@@ -38,8 +43,6 @@ class LoadStage(Stage):
     config: LoadConfig
 
     def run(self, state: PipelineState, ctx: DistContext) -> None:
-        from transformers import AutoModelForCausalLM
-
         from gptqflow.modeling.text import load_tokenizer
 
         cfg = self.recipe.model
@@ -49,30 +52,51 @@ class LoadStage(Stage):
         weights = check_model_dir(
             path, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
         )
-        dtype = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
-        try:
-            loaded: Any = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=dtype,
-                local_files_only=True,
-                trust_remote_code=cfg.trust_remote_code,
-                # Never fall back to pickle files when safetensors exist.
-                use_safetensors=weights.safetensors,
-                low_cpu_mem_usage=True,
-                output_loading_info=True,
-            )
-        except Exception as exc:  # safetensors, torch and transformers raise many types
-            raise GptqflowError(
-                f"model.path={str(path)!r}: cannot load the model "
-                f"({type(exc).__name__}: {exc}); check that the directory is complete"
-            ) from exc
-        model, info = loaded  # (model, loading info) with output_loading_info=True
-        _check_loading_info(path, info)
-        model.eval()
-        model.requires_grad_(False)
-        state.model = model
+        dtype = None if cfg.dtype == "auto" else DTYPES[cfg.dtype]
         state.model_dir = path
         state.tokenizer = load_tokenizer(path)
+        if cfg.weights == "stream":
+            why = "the weights are pickle files" if not weights.safetensors else None
+            if why is None:
+                built = build_streamed(
+                    path, weights.files, dtype, trust_remote_code=cfg.trust_remote_code
+                )
+                if not isinstance(built, str):
+                    state.model, state.weights = built
+                    state.weights_mode = {"mode": "stream"}
+                    log.info("model built on the meta device; decoder layers are read per layer")
+                    return
+                why = built
+            log.warning("model.weights=stream: loading the whole model instead, because %s", why)
+            state.weights_mode = {"mode": "eager", "reason": why}
+        state.model = _load_eager(path, weights.safetensors, dtype, cfg.trust_remote_code)
+
+
+def _load_eager(path: Path, safetensors: bool, dtype: torch.dtype | None, remote: bool) -> Any:
+    """The whole model read by transformers (every rank its own copy)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype="auto" if dtype is None else dtype,
+            local_files_only=True,
+            trust_remote_code=remote,
+            # Never fall back to pickle files when safetensors exist.
+            use_safetensors=safetensors,
+            low_cpu_mem_usage=True,
+            output_loading_info=True,
+        )
+    except Exception as exc:  # safetensors, torch and transformers raise many types
+        raise GptqflowError(
+            f"model.path={str(path)!r}: cannot load the model "
+            f"({type(exc).__name__}: {exc}); check that the directory is complete"
+        ) from exc
+    model, info = loaded  # (model, loading info) with output_loading_info=True
+    _check_loading_info(path, info)
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def _check_loading_info(path: Path, info: dict[str, Any]) -> None:

@@ -1,17 +1,25 @@
-"""``save``: rank 0 writes a compressed-tensors checkpoint; the other ranks wait.
+"""``save``: rank 0 writes the compressed-tensors checkpoint as the layers finish.
 
-Requires: ``quantized`` (the integers, scales, zero points and g_idx of every module,
-their weights installed in ``state.model``). Reads the ``scheme`` group (written into
-the config; ``scheme.ignore`` listed as unquantized) and the top-level ``overwrite``.
-Provides: ``checkpoint``: ``<output_dir>/<subdir>``, loadable by transformers and vLLM.
-Collectives: one barrier, so no rank exits before the checkpoint is complete.
-The checkpoint is written to a temporary directory and renamed at the end: an
-interrupted run never leaves a directory that looks complete.
+A layer stage: it goes in the layer loop, after the stage that provides ``quantized``
+(``broadcast``). After each decoder layer, rank 0 queues the layer's tensors (packed
+codes, scales, its norms) and writes a safetensors shard whenever the next layer would
+not fit under ``max_shard_size`` (:mod:`gptqflow.modeling.streaming`); the codes of
+written layers then leave every rank's memory, and with streamed weights the layer is
+read back from the checkpoint when needed (the quantized evaluation). After the last
+layer it writes the tensors outside the layers, the config and the tokenizer, and
+renames the directory into place: an interrupted run never leaves a directory that
+looks complete. Reads the ``scheme`` group (written into the config; ``scheme.ignore``
+listed as unquantized) and the top-level ``overwrite``.
+Requires: ``quantized``. Provides: ``checkpoint``: ``<output_dir>/<subdir>``, loadable
+by transformers and vLLM (shards named as transformers names them, with an index).
+Collectives: one gather after the last layer (rank 0's success or error), so no rank
+reads or exits before the checkpoint is complete.
 
 ```yaml
 stages:
   save:
     subdir: checkpoint
+    max_shard_size: 2GB
 ```
 """
 
@@ -19,17 +27,18 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator
 
 from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.registry import register_stage
 from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
-from gptqflow.framework.state import PipelineState
-from gptqflow.modeling.checkpoint import write_compressed_checkpoint
+from gptqflow.framework.state import LayerRun, PipelineState
+from gptqflow.modeling.streaming import StreamingCheckpoint, parse_size
 
 
 def _write_failed(out: Path, exc: OSError) -> str:
@@ -48,26 +57,89 @@ def _write_failed(out: Path, exc: OSError) -> str:
 
 
 class SaveStage(Stage):
-    config: SaveConfig
+    """Writes each decoder layer as it finishes, the rest of the model after the last."""
 
-    def run(self, state: PipelineState, ctx: DistContext) -> None:
+    config: SaveConfig
+    writer: StreamingCheckpoint | None = None
+
+    def before_loop(self, state: PipelineState, ctx: DistContext) -> None:
         out = state.output_dir / self.config.subdir
         scheme = self.recipe.scheme
-        if ctx.is_main:
-            try:
-                write_compressed_checkpoint(
-                    state.model,
-                    state.quantized,
-                    scheme.quant_args(),
-                    out,
-                    tokenizer=state.tokenizer,
-                    ignore=scheme.ignore,
-                    overwrite=self.recipe.overwrite,
-                )
-            except OSError as exc:  # the writer has already removed its temporary directory
-                raise GptqflowError(_write_failed(out, exc)) from exc
-        ctx.barrier("save")
-        state.checkpoint_dir = out
+        try:
+            self.writer = StreamingCheckpoint(
+                out,
+                scheme.quant_args(),
+                ignore=scheme.ignore,
+                max_shard_bytes=parse_size(self.config.max_shard_size),
+                overwrite=self.recipe.overwrite,
+                writer=ctx.is_main,
+            )
+        except OSError as exc:
+            raise GptqflowError(_write_failed(out, exc)) from exc
+        self._written: list[str] = []
+
+    def after_layer(self, layer: LayerRun, ctx: DistContext) -> None:
+        """Queue the layer's tensors; the codes of layers written before are dropped."""
+        writer = self.writer
+        assert writer is not None, "before_loop opened the writer"
+        state = layer.state
+        self._drop_written(state)
+        names = [n for n in layer.targets if n in state.quantized]
+        packed = {f"{n}.weight" for n in names}  # written as codes, not as floats
+        dense = {
+            full: v
+            for k, v in layer.module.state_dict().items()
+            if (full := f"{layer.name}.{k}") not in packed
+        }
+        try:
+            writer.add_layer(
+                layer.name,
+                dense,
+                {n: state.quantized[n] for n in names},
+                {n: layer.targets[n].weight for n in names},  # type: ignore[misc]
+            )
+        except OSError as exc:
+            writer.abort()
+            raise GptqflowError(_write_failed(writer.out_dir, exc)) from exc
+        self._written += names
+        if state.weights is not None:
+            dtype = state.weights.dtype or torch.float32
+            prefix = layer.name
+            state.weights.relocate(layer.index, lambda _i, n: writer.read_layer(prefix, n, dtype))
+
+    def save_layer(self, layer: LayerRun) -> dict[str, Any] | None:
+        """Nothing of its own: on resume the restored codes are written again, byte for byte."""
+        return {}
+
+    def restore_layer(self, layer: LayerRun, saved: dict[str, Any], ctx: DistContext) -> None:
+        self.after_layer(layer, ctx)
+
+    def after_loop(self, state: PipelineState, ctx: DistContext) -> None:
+        writer = self.writer
+        assert writer is not None, "before_loop opened the writer"
+        self._drop_written(state)
+        error: BaseException | None = None
+        try:
+            writer.finish(state.model, tokenizer=state.tokenizer)
+        except OSError as exc:  # the writer has already removed its temporary directory
+            error = GptqflowError(_write_failed(writer.out_dir, exc))
+        except BaseException as exc:
+            error = exc
+        # Every rank waits for rank 0's verdict: the others read the checkpoint next.
+        failed = ctx.gather_objects(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if any(f is not None for f in failed):
+            raise GptqflowError(f"rank 0 could not write the checkpoint: {failed[0]}")
+        writer.finished = True
+        state.checkpoint_dir = writer.out_dir
+
+    def _drop_written(self, state: PipelineState) -> None:
+        """Codes already in the checkpoint leave memory (after their resume point was written)."""
+        for name in self._written:
+            state.quantized.pop(name, None)
+        state.written_quantized += len(self._written)
+        self._written = []
 
 
 @register_stage("save", SaveStage)
@@ -78,6 +150,18 @@ class SaveConfig(StageConfig):
     REQUIRES = ("quantized",)
     PROVIDES = ("checkpoint",)
     subdir: str = Field("checkpoint", description="Checkpoint directory, relative to output_dir.")
+    max_shard_size: str = Field(
+        "2GB",
+        description="Largest safetensors shard (500MB, 2GB, 1GiB ...). Finished layers wait "
+        "in memory until their shard is written, so this also bounds rank 0's extra memory; "
+        "a model that fits in one shard is written as one model.safetensors.",
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)  # raises ValueError with the allowed spellings
+        return value
 
     def preflight(self, recipe: Recipe) -> list[Problem]:
         target = Path(recipe.output_dir) / self.subdir

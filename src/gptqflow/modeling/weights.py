@@ -1,0 +1,222 @@
+"""Decoder-layer weights read when a layer needs them, and released when it is done.
+
+A model loaded with ``model.weights=stream`` is built on the meta device: its
+decoder layers hold no data. Everything outside the layers (embeddings, the final
+norm, ``lm_head``: what the first layer's inputs and the logits need) is read once.
+A layer's tensors are read from the safetensors files just before the layer is
+processed (:meth:`WeightStore.materialize`) and dropped afterwards
+(:meth:`WeightStore.release`), so a rank's memory holds one layer at a time, not the
+model. Each read opens the file, copies the layer's tensors out and closes it: the
+file mapping is released with it, so no page of a finished layer stays counted
+against the process.
+
+A layer may only be released while its current values can be read again. Before
+quantization the original files hold them; once a stage changed a layer (the solve
+installs quantized weights), the layer stays resident until a stage writes it
+somewhere and relocates it there (:meth:`WeightStore.relocate`, e.g. the streaming
+checkpoint writer). The store never drops values it cannot get back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from gptqflow.errors import GptqflowError
+
+log = logging.getLogger("gptqflow")
+
+#: Reads one layer's tensors: (layer index, names relative to the layer) -> tensors by name.
+LayerReader = Callable[[int, list[str]], dict[str, torch.Tensor]]
+
+
+class TensorFiles:
+    """Which safetensors file holds each tensor of a model directory (from the headers only)."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.where: dict[str, Path] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    self.where[key] = path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def read(self, keys: Iterable[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The tensors ``keys``, each file opened once and closed (its mapping released)."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.where[key], []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for key in names:
+                    t = f.get_tensor(key)
+                    # A copy that owns its memory: nothing may keep the file mapping alive.
+                    cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
+                    out[key] = t.to(dtype) if cast else t.clone()
+        return out
+
+
+def missing_tensors(model: nn.Module, files: TensorFiles) -> list[str]:
+    """Parameters of ``model`` that the files lack under the module's own name.
+
+    Tied parameters (``lm_head.weight`` sharing the embedding) are found through the
+    first name they are registered under. A model whose loader renames tensors (fused
+    experts, legacy names) shows up here and is loaded eagerly instead.
+    """
+    missing = []
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        if name not in files:
+            missing.append(name)
+        seen.add(id(param))
+    tied = getattr(model, "get_expanded_tied_weights_keys", None)
+    if tied is not None:
+        targets = set(tied(all_submodels=True))
+        missing = [m for m in missing if m not in targets]
+    return missing
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+class WeightStore:
+    """Where each decoder layer's current weights live; reads and drops them on demand."""
+
+    def __init__(
+        self,
+        files: TensorFiles,
+        prefix: str,
+        layers: nn.ModuleList,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.files = files
+        self.prefix = prefix
+        self.layers = layers
+        self.dtype = dtype
+        self._readers: dict[int, LayerReader] = {}
+        self._resident: set[int] = set()
+        self._changed: set[int] = set()
+        self.bytes_read = 0
+
+    # -------------------------------------------------------------- reading
+    def _original(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
+        full = {n: f"{self.prefix}.{index}.{n}" for n in names}
+        got = self.files.read(full.values(), self.dtype)
+        return {n: got[k] for n, k in full.items()}
+
+    def materialize(self, index: int) -> nn.Module:
+        """Layer ``index`` with its current weights in memory (a no-op when resident)."""
+        layer = self.layers[index]
+        if index in self._resident:
+            return layer
+        names = [n for n, p in layer.named_parameters() if p.is_meta]
+        if names:
+            reader = self._readers.get(index, self._original)
+            tensors = reader(index, names)
+            absent = sorted(set(names) - set(tensors))
+            if absent:
+                raise GptqflowError(
+                    f"{self.prefix}.{index}: no stored values for {absent[:3]}; the weight "
+                    "files (or the checkpoint being written) are incomplete"
+                )
+            for n in names:
+                _set_tensor(layer, n, tensors[n])
+                self.bytes_read += tensors[n].numel() * tensors[n].element_size()
+        self._resident.add(index)
+        return layer
+
+    def release(self, index: int) -> bool:
+        """Drop layer ``index``'s tensors if they can be read again; whether it was dropped."""
+        if index not in self._readers and index in self._changed:
+            return False
+        layer = self.layers[index]
+        for name, param in list(layer.named_parameters()):
+            if not param.is_meta:
+                _set_tensor(layer, name, torch.empty_like(param, device="meta"))
+        self._resident.discard(index)
+        return True
+
+    # -------------------------------------------------------------- changes
+    def mark_changed(self, index: int) -> None:
+        """Layer ``index`` no longer equals the original files: keep it until relocated."""
+        self._changed.add(index)
+        self._readers.pop(index, None)
+
+    def relocate(self, index: int, reader: LayerReader) -> None:
+        """Layer ``index``'s current values can now be read with ``reader`` (it may be dropped)."""
+        self._readers[index] = reader
+
+    def relocated(self) -> Mapping[int, LayerReader]:
+        return dict(self._readers)
+
+
+def build_streamed(
+    model_dir: Path,
+    files: Iterable[Path],
+    dtype: torch.dtype | None,
+    *,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, WeightStore] | str:
+    """The model with only its non-layer tensors read, and the store for its layers.
+
+    Returns the reason instead when the files do not hold every parameter under its
+    module name (the model's loader renames tensors): the caller loads it eagerly.
+    ``dtype`` None keeps the dtype of the config (``model.dtype=auto``).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gptqflow.modeling.structure import decoder_layers
+
+    config = AutoConfig.from_pretrained(
+        model_dir, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    want = dtype if dtype is not None else getattr(config, "dtype", None) or torch.float32
+    if isinstance(want, str):
+        want = getattr(torch, want)
+    with init_empty_weights():  # parameters on meta, buffers (rotary tables) computed
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=want, trust_remote_code=trust_remote_code
+        )
+    tensors = TensorFiles(files)
+    missing = missing_tensors(model, tensors)
+    if missing:
+        return (
+            f"the weight files do not hold {len(missing)} parameter(s) under the module's "
+            f"name (e.g. {missing[:3]}); transformers renames them while loading"
+        )
+    prefix, layers = decoder_layers(model)
+    inside = f"{prefix}."
+    resident = [
+        n
+        for n, _ in [*model.named_parameters(), *model.named_buffers()]
+        if not n.startswith(inside) and n in tensors
+    ]
+    for name, value in tensors.read(resident, want).items():
+        _set_tensor(model, name, value)
+    for name, _ in model.named_buffers():  # persistent buffers stored inside the layers
+        if name.startswith(inside) and name in tensors:
+            _set_tensor(model, name, tensors.read([name], want)[name])
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(inside)]
+    if still_meta:
+        return f"parameters outside the decoder layers were not read: {still_meta[:3]}"
+    return model, WeightStore(tensors, prefix, layers, want)

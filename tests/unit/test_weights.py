@@ -1,0 +1,102 @@
+"""Streamed weights: the meta-built model equals transformers' load, layers come and go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gptqflow.modeling.modeldir import weight_files
+from gptqflow.modeling.perplexity import eval_windows, layerwise_nll, window_nll
+from gptqflow.modeling.weights import WeightStore, build_streamed
+
+
+def _streamed(model_dir: Path) -> tuple[Any, WeightStore]:
+    built = build_streamed(model_dir, weight_files(model_dir, allow_pickle=False).files, None)
+    assert not isinstance(built, str), built
+    return built
+
+
+def _resident(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters() if not p.is_meta)
+
+
+def test_streamed_model_holds_only_what_is_outside_the_layers(tiny_llama_dir: Path) -> None:
+    model, store = _streamed(tiny_llama_dir)
+    layers = store.layers
+    assert all(p.is_meta for p in layers.parameters())
+    outside = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers")
+    )
+    assert _resident(model) == outside > 0
+
+
+def test_materialised_layers_equal_transformers_load(tiny_llama_dir: Path) -> None:
+    model, store = _streamed(tiny_llama_dir)
+    for i in range(len(store.layers)):
+        store.materialize(i)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    mine = dict(model.named_parameters(remove_duplicate=False))
+    theirs = dict(eager.named_parameters(remove_duplicate=False))
+    assert mine.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert mine[name].dtype == value.dtype and torch.equal(mine[name], value), name
+    for name, value in eager.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], value), name
+
+
+def test_release_drops_a_layer_unless_it_changed_and_was_not_relocated(
+    tiny_llama_dir: Path,
+) -> None:
+    model, store = _streamed(tiny_llama_dir)
+    before = _resident(model)
+    layer = store.materialize(0)
+    assert _resident(model) > before
+    assert store.release(0) and _resident(model) == before
+    store.materialize(1)
+    store.mark_changed(1)
+    assert not store.release(1), "a changed layer has nowhere to be read from: kept"
+    assert not any(p.is_meta for p in store.layers[1].parameters())
+    saved = {n: p.clone() * 2 for n, p in store.layers[1].named_parameters()}
+    store.relocate(1, lambda _i, names: {n: saved[n] for n in names})
+    assert store.release(1) and all(p.is_meta for p in store.layers[1].parameters())
+    again = store.materialize(1)
+    assert all(torch.equal(p, saved[n]) for n, p in again.named_parameters())
+    assert layer is store.layers[0]
+
+
+def test_renamed_tensors_are_reported_not_guessed(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    key = next(k for k in tensors if "layers.0.mlp.up_proj" in k)
+    tensors[key.replace("up_proj", "w3")] = tensors.pop(key)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    built = build_streamed(tmp_path, [tmp_path / "model.safetensors"], None)
+    assert isinstance(built, str) and key in built and "renames" in built
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_layerwise_perplexity_is_the_full_forward_bit_for_bit(
+    tiny_llama_dir: Path, streamed: bool
+) -> None:
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    gen = torch.Generator().manual_seed(3)
+    windows = eval_windows(
+        torch.randint(0, eager.config.vocab_size, (1, 5 * 32), generator=gen), 32, 0
+    )
+    want = [window_nll(eager, w, "cpu") for w in windows]
+    total, count = sum(n for n, _ in want), sum(c for _, c in want)
+    if streamed:
+        model, store = _streamed(tiny_llama_dir)
+        got = layerwise_nll(model, windows, "cpu", store.materialize, store.release)
+        assert all(p.is_meta for p in store.layers.parameters()), "every layer released again"
+    else:
+        got = layerwise_nll(eager, windows, "cpu")
+    assert got == (total, count)
