@@ -12,10 +12,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import secrets
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -304,3 +307,38 @@ class DistContext:
                 f"{what} differs between ranks: rank(s) {bad} disagree with rank 0 "
                 f"(hashes {sorted(set(digests))}); launch every rank with the same recipe and overrides"
             )
+
+    def check_shared_dir(self, directory: Path) -> None:
+        """Refuse to go on unless every rank sees ``directory`` as the same directory.
+
+        Rank 0 writes a file with a random token there; every rank looks for it. A rank
+        on another node whose ``output_dir`` is a local disk does not find it, and is
+        named here, at start-up, instead of failing later in a collective (a resume
+        point it cannot read, a checkpoint it cannot read back) with a timeout that
+        names the wrong cause. One rank, or one node, has nothing to check.
+        """
+        if not self.distributed:
+            return
+        token = secrets.token_hex(8) if self.is_main else ""
+        probe = directory / f".gptqflow-shared-{os.getpid()}"
+        if self.is_main:
+            probe.write_text(token)
+        token, name = self.gather_objects((token, probe.name))[0]
+        probe = directory / name
+        try:
+            seen = probe.read_text() == token
+        except OSError:
+            seen = False
+        answers = self.gather_objects((seen, socket.gethostname()))
+        if self.is_main:
+            probe.unlink(missing_ok=True)
+        blind = [(r, host) for r, (ok, host) in enumerate(answers) if not ok]
+        if blind:
+            who = ", ".join(f"rank {r} on {host}" for r, host in blind)
+            raise GptqflowError(
+                f"output_dir={str(directory)!r} is not shared between the ranks: {who} cannot "
+                f"see the file rank 0 (on {answers[0][1]}) wrote there. Every rank reads and "
+                "writes resume points and the checkpoint there: put output_dir on a file "
+                "system all nodes mount (NFS, Lustre ...)"
+            )
+

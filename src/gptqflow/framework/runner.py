@@ -70,6 +70,8 @@ class Runner:
                     f"{exc.strerror or exc}; choose another output_dir"
                 ) from exc
             _write_atomic(self.output_dir / "recipe.yaml", _recipe_yaml(self.resolved))
+        # Before any work: a node-local output_dir would fail much later, under another name.
+        ctx.check_shared_dir(self.output_dir)
         rt = self.recipe.runtime
         cores = self.cpu_cores = apply_cpu_affinity(
             rt.cpu_affinity, ctx.device.type, ctx.local_rank, ctx.local_world_size, rt.num_threads
