@@ -71,6 +71,12 @@ def test_checkpoint_reloads_with_same_logits(tiny_run: tuple[Path, Runner]) -> N
     assert store is not None, "the model was streamed (model.weights=stream, the default)"
     for i in range(len(store.layers)):  # read back from the checkpoint the run wrote
         store.materialize(i)
+    with store.outside():
+        _same_logits_as_checkpoint(in_memory, out, runner)
+
+
+def _same_logits_as_checkpoint(in_memory: Any, out: Path, runner: Runner) -> None:
+    assert runner.state is not None
     loaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint", dtype=torch.float32)
     ids = torch.randint(
         0, in_memory.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from gptqflow.modeling.modeldir import weight_files
 from gptqflow.modeling.perplexity import eval_windows, layerwise_nll, window_nll
 from gptqflow.modeling.weights import WeightStore, build_streamed
+from helpers import make_tiny_llama
 
 
 def _streamed(model_dir: Path) -> tuple[Any, WeightStore]:
@@ -24,14 +25,30 @@ def _resident(model: Any) -> int:
     return sum(p.numel() for p in model.parameters() if not p.is_meta)
 
 
-def test_streamed_model_holds_only_what_is_outside_the_layers(tiny_llama_dir: Path) -> None:
-    model, store = _streamed(tiny_llama_dir)
-    layers = store.layers
-    assert all(p.is_meta for p in layers.parameters())
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_model_holds_nothing_until_asked(
+    tiny_llama_dir: Path, tiny_tokenizer_dir: Path, tmp_path: Path, tied: bool
+) -> None:
+    model_dir = (
+        make_tiny_llama(tmp_path, tiny_tokenizer_dir, tie_word_embeddings=True)
+        if tied
+        else tiny_llama_dir
+    )
+    model, store = _streamed(model_dir)
+    assert _resident(model) == 0
     outside = sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers")
     )
-    assert _resident(model) == outside > 0
+    with store.outside():
+        assert _resident(model) == outside > 0
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        with store.outside():  # nested users share one read
+            pass
+        assert _resident(model) == outside
+        eager = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert torch.equal(model.lm_head.weight, eager.lm_head.weight)
+    assert _resident(model) == 0
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
 def test_materialised_layers_equal_transformers_load(tiny_llama_dir: Path) -> None:
@@ -39,6 +56,11 @@ def test_materialised_layers_equal_transformers_load(tiny_llama_dir: Path) -> No
     for i in range(len(store.layers)):
         store.materialize(i)
     eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with store.outside():
+        _assert_same(model, eager)
+
+
+def _assert_same(model: Any, eager: Any) -> None:
     mine = dict(model.named_parameters(remove_duplicate=False))
     theirs = dict(eager.named_parameters(remove_duplicate=False))
     assert mine.keys() == theirs.keys()
@@ -95,8 +117,39 @@ def test_layerwise_perplexity_is_the_full_forward_bit_for_bit(
     total, count = sum(n for n, _ in want), sum(c for _, c in want)
     if streamed:
         model, store = _streamed(tiny_llama_dir)
-        got = layerwise_nll(model, windows, "cpu", store.materialize, store.release)
-        assert all(p.is_meta for p in store.layers.parameters()), "every layer released again"
+        got = layerwise_nll(
+            model, windows, "cpu", store.materialize, store.release, outside=store.outside
+        )
+        assert _resident(model) == 0, "every tensor released again"
     else:
         got = layerwise_nll(eager, windows, "cpu")
     assert got == (total, count)
+
+
+def test_planned_layout_is_the_one_safetensors_writes(tmp_path: Path) -> None:
+    """The streaming writer's header and offsets, filled tensor by tensor in any order,
+    give save_file's bytes: the checkpoint needs nothing of a layer after writing it."""
+    from safetensors.torch import save_file
+
+    from gptqflow.modeling.streaming import _raw_bytes, _Shard, _Spec
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=gen),
+        "a.weight_packed": torch.randint(-(2**31), 2**31 - 1, (2, 3), dtype=torch.int32),
+        "a.weight_shape": torch.tensor([2, 24]),
+        "c.zp": torch.randint(-8, 7, (5,), dtype=torch.int8),
+        "z.scale": torch.randn(7, generator=gen).to(torch.bfloat16),
+        "d.scale": torch.randn(3, generator=gen).to(torch.float16),
+        "e.mask": torch.tensor([True, False, True]),
+        "f.double": torch.randn(2, generator=gen, dtype=torch.float64),
+    }
+    save_file(tensors, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    shard = _Shard("x", {k: _Spec(v.dtype, tuple(v.shape)) for k, v in tensors.items()})
+    data = bytearray(shard.layout({"format": "pt"}))
+    data.extend(b"\0" * (shard.size - len(data)))
+    for key in reversed(list(tensors)):
+        start = shard.data_start + shard.offsets[key]
+        raw = _raw_bytes(tensors[key])
+        data[start : start + len(raw)] = raw
+    assert bytes(data) == (tmp_path / "ref.safetensors").read_bytes()

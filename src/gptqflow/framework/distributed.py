@@ -341,4 +341,3 @@ class DistContext:
                 "writes resume points and the checkpoint there: put output_dir on a file "
                 "system all nodes mount (NFS, Lustre ...)"
             )
-

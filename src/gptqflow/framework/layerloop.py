@@ -33,7 +33,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -150,7 +150,8 @@ class LayerLoop:
         with self.clock.measure(LOOP_KEY):
             if self.needs_inputs:
                 assert state.samples is not None, "contracts: the loop's inputs need samples"
-                x, kw = capture_layer_inputs(state.model, layers[0], state.samples)
+                with state.weights.outside() if state.weights else nullcontext():
+                    x, kw = capture_layer_inputs(state.model, layers[0], state.samples)
                 hidden, kwargs = x.to(ctx.device), to_device(kw, ctx.device)
             for _sid, stage in self.stages:
                 stage.before_loop(state, ctx)

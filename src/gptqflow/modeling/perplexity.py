@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -107,6 +108,7 @@ def layerwise_nll(
     materialize: LayerGetter | None = None,
     release: Callable[[int], Any] | None = None,
     step: Callable[[], None] | None = None,
+    outside: Callable[[], AbstractContextManager[Any]] = nullcontext,
 ) -> tuple[float, int]:
     """Summed NLL (float64) and predicted tokens of ``windows``, one decoder layer at a time.
 
@@ -116,7 +118,8 @@ def layerwise_nll(
     memory: the hidden states of every window wait between layers instead. The final
     norm and head run through the model's own forward with the decoder layers
     replaced by the finished hidden states, so no architecture detail is copied here.
-    ``step`` is called after each layer and after the head of each window.
+    ``step`` is called after each layer and after the head of each window;
+    ``outside`` holds the tensors outside the layers in memory while they are used.
     """
     from gptqflow.modeling.forward import capture_layer_inputs, to_device
     from gptqflow.modeling.structure import decoder_layers
@@ -129,9 +132,10 @@ def layerwise_nll(
     tuple_out = False
     try:
         with torch.inference_mode():
-            for w in windows:
-                x, kwargs = capture_layer_inputs(model, layers[0], w.reshape(1, -1))
-                hidden.append(x)
+            with outside():
+                for w in windows:
+                    x, kwargs = capture_layer_inputs(model, layers[0], w.reshape(1, -1))
+                    hidden.append(x)
             on_device = to_device(kwargs, torch.device(device))
             for i in range(len(layers)):
                 layer = materialize(i) if materialize is not None else layers[i]
@@ -147,7 +151,8 @@ def layerwise_nll(
                         release(i)
                 if step is not None:
                     step()
-            return _head_nll(model, layers, windows, hidden, device, tuple_out, step)
+            with outside():
+                return _head_nll(model, layers, windows, hidden, device, tuple_out, step)
     finally:
         if was_training:
             model.train()

@@ -1,18 +1,21 @@
-"""A compressed-tensors checkpoint written while the layer loop runs, one shard at a time.
+"""A compressed-tensors checkpoint written while the layer loop runs, with nothing held back.
 
 :func:`gptqflow.modeling.checkpoint.write_compressed_checkpoint` needs the whole
-quantized model in memory. :class:`StreamingCheckpoint` takes the decoder layers as
-they finish instead: each layer's tensors (packed codes, scales, its norms) join a
-pending shard, which is written to disk as soon as the next layer of the same size
-would push it past ``max_shard_bytes``; then the memory is free again. The tensors
-outside the layers, the config, the generation config and the tokenizer follow at
-:meth:`StreamingCheckpoint.finish`, which names the shards the way transformers does
-(``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``) and renames
-the directory into place: until then only a hidden ``.NAME.partial`` directory exists.
+quantized model in memory. :class:`StreamingCheckpoint` plans the files instead: before
+the first layer it knows every tensor the checkpoint will hold (name, dtype, shape: the
+dense tensors from the model, the packed codes, scales and zero points from the scheme)
+and so every shard's safetensors header and every tensor's offset. It creates the
+shards at their full size, and each finished decoder layer's tensors are written at
+their offsets at once; nothing of a written layer stays in memory, whatever the shard
+size. The tensors outside the layers, the config, the generation config and the
+tokenizer follow at :meth:`StreamingCheckpoint.finish`, which renames the directory into
+place: until then only a hidden ``.NAME.partial`` directory exists.
 
-Shard boundaries depend only on the layers written so far, so a resumed run that
-feeds the same layers again writes the same bytes. A model that fits in one shard
-gets one ``model.safetensors``, byte-identical to what the in-memory writer produces.
+The layout is the one ``safetensors`` itself writes (tensors ordered by dtype, then
+name; the same header), so a model that fits in one shard gets a ``model.safetensors``
+byte-identical to the in-memory writer's; larger ones get transformers' names
+(``model-00001-of-0000N.safetensors``, ``model.safetensors.index.json``), a shard being
+a run of whole decoder layers. A resumed run writes every layer again: the same bytes.
 
 :meth:`StreamingCheckpoint.read_layer` reads a finished layer back from the written
 checkpoint, dequantized with the same function the broadcast uses, so streamed
@@ -25,7 +28,9 @@ import json
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,7 @@ import torch
 from compressed_tensors.compressors import unpack_from_int32
 from compressed_tensors.config import CompressionFormat
 from safetensors import safe_open
-from safetensors.torch import save_file
+from torch import nn
 
 from gptqflow.errors import GptqflowError
 from gptqflow.gptq.quantizer import column_groups, dequantize
@@ -48,11 +53,8 @@ from gptqflow.modeling.checkpoint import (
     _check_finite,
     _match_file_modes,
     _module_tensors,
-    _nbytes,
-    _plan_shards,
     _publish,
     _save_config,
-    _save_tensors,
     _tied_targets,
     build_quantization_config,
 )
@@ -87,8 +89,68 @@ def parse_size(text: str) -> int:
     raise ValueError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
 
 
+# safetensors' on-disk names and the order its writer lays dtypes out in (largest first).
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_ORDER = {dtype: i for i, dtype in enumerate(_ST_DTYPES)}
+
+
+@dataclass(frozen=True)
+class _Spec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class _Shard:
+    """One safetensors file: its tensors' offsets, fixed before any data is written."""
+
+    file: str
+    specs: dict[str, _Spec]
+    offsets: dict[str, int] = field(default_factory=dict)
+    data_start: int = 0
+    size: int = 0
+
+    def layout(self, metadata: Mapping[str, str]) -> bytes:
+        """The header safetensors writes: dtype order, then name; padded to 8 bytes."""
+        keys = sorted(self.specs, key=lambda k: (_ST_ORDER[self.specs[k].dtype], k))
+        header: dict[str, Any] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for k in keys:
+            spec = self.specs[k]
+            header[k] = {
+                "dtype": _ST_DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            self.offsets[k] = offset
+            offset += spec.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.data_start = 8 + len(text)
+        self.size = self.data_start + offset
+        return struct.pack("<Q", len(text)) + text
+
+
 class StreamingCheckpoint:
-    """Rank 0's writer of one compressed-tensors checkpoint, fed layer by layer."""
+    """The writer of one compressed-tensors checkpoint, fed layer by layer (rank 0 writes)."""
 
     def __init__(
         self,
@@ -110,16 +172,109 @@ class StreamingCheckpoint:
         self.fmt = CompressionFormat(self.qconfig.format)
         self.writer = writer  # rank 0 writes; the others only read the result
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial"
-        self.pending: dict[str, torch.Tensor] = {}
-        self.shards: list[list[str]] = []  # keys of every shard written so far
+        self.shards: list[_Shard] = []
+        self.where: dict[str, _Shard] = {}
+        self.written: set[str] = set()
         self.quantized: set[str] = set()
         self.total_bytes = 0
+        self._spec_cache: dict[tuple[tuple[int, ...], torch.dtype], dict[str, _Spec]] = {}
         self.finished = False
         if writer:
             _check_destination(self.out_dir, overwrite)
-            if self.tmp.exists():  # a killed run's partial shards: they are written again
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir(parents=True)
+
+    # -------------------------------------------------------------- the plan
+    def plan(self, model: Any, targets: Sequence[Mapping[str, nn.Module]]) -> None:
+        """Every tensor of the checkpoint, its shard and offset; the shards created.
+
+        ``targets``: per decoder layer, the modules that will be quantized (by full
+        name). Shapes come from the modules (which may sit on the meta device).
+        """
+        from gptqflow.modeling.structure import decoder_layers
+
+        if not self.writer:
+            return
+        prefix, layers = decoder_layers(model)
+        groups: list[dict[str, _Spec]] = []
+        for i, layer in enumerate(layers):
+            names = targets[i]
+            packed = {f"{n}.weight" for n in names}
+            specs = {
+                full: _Spec(v.dtype, tuple(v.shape))
+                for k, v in layer.state_dict().items()
+                if (full := f"{prefix}.{i}.{k}") not in packed
+            }
+            for name, module in names.items():
+                specs.update(self._module_specs(name, module))
+            groups.append(specs)
+        groups.append(
+            {
+                k: _Spec(v.dtype, tuple(v.shape))
+                for k, v in self._outside_layers(model, move=False).items()
+            }
+        )
+        unsupported = {s.dtype for g in groups for s in g.values()} - set(_ST_DTYPES)
+        if unsupported:
+            raise GptqflowError(f"cannot write tensors of dtype {sorted(map(str, unsupported))}")
+        self._split(groups)
+
+    def _module_specs(self, name: str, module: nn.Module) -> dict[str, _Spec]:
+        """The serialized tensors of one quantized Linear (computed once per shape)."""
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        key = (tuple(weight.shape), weight.dtype)
+        if key not in self._spec_cache:
+            self._spec_cache[key] = self._specs_of(
+                int(weight.shape[0]), int(weight.shape[1]), weight.dtype
+            )
+        return {f"{name}.{k}": v for k, v in self._spec_cache[key].items()}
+
+    def _specs_of(self, rows: int, cols: int, dtype: torch.dtype) -> dict[str, _Spec]:
+        """What the serializer makes of a zero result of this shape, by tensor suffix."""
+        weight = torch.empty(rows, cols, dtype=dtype, device="meta")
+        gs = self.args.group_size if self.args.group_size > 0 else cols
+        ng = max(cols // gs, 1)
+        zero = QuantResult(
+            qweight=torch.zeros(rows, cols, dtype=torch.int8),
+            scale=torch.ones(rows, ng, dtype=dtype),
+            zero_point=torch.zeros(rows, ng, dtype=torch.int8),
+            g_idx=None,
+            dequant=torch.empty(0),
+            loss=0.0,
+            damp=0.0,
+        )
+        out = _module_tensors("m", zero, self.args, self.fmt, weight)
+        return {k.removeprefix("m."): _Spec(v.dtype, tuple(v.shape)) for k, v in out.items()}
+
+    def _split(self, groups: list[dict[str, _Spec]]) -> None:
+        """Shards: runs of whole layers (then the rest) up to ``max_shard_bytes`` each."""
+        total = sum(s.nbytes for g in groups for s in g.values())
+        if total <= self.max_shard_bytes:
+            plan = [{k: v for g in groups for k, v in g.items()}]
+        else:
+            plan = [{}]
+            size = 0
+            for g in groups:
+                n = sum(s.nbytes for s in g.values())
+                if plan[-1] and size + n > self.max_shard_bytes:
+                    plan.append({})
+                    size = 0
+                plan[-1].update(g)
+                size += n
+        count = len(plan)
+        for i, specs in enumerate(plan, start=1):
+            name = WEIGHTS_NAME if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            shard = _Shard(name, specs)
+            self.shards.append(shard)
+            for key in specs:
+                self.where[key] = shard
+        self.total_bytes = total
+        if self.tmp.exists():  # a killed run's partial files: everything is written again
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        for shard in self.shards:
+            with open(self.tmp / shard.file, "wb") as f:
+                f.write(shard.layout(SAFETENSORS_METADATA))
+                f.truncate(shard.size)
 
     # -------------------------------------------------------------- layers
     def add_layer(
@@ -129,7 +284,7 @@ class StreamingCheckpoint:
         quantized: Mapping[str, QuantResult],
         weights: Mapping[str, torch.Tensor],
     ) -> None:
-        """One finished decoder layer: its dense tensors and its quantized modules.
+        """One finished decoder layer, written at its planned offsets.
 
         ``dense``: the layer's other parameters and persistent buffers by full name;
         ``quantized``: module name -> codes; ``weights``: module name -> the installed
@@ -144,22 +299,28 @@ class StreamingCheckpoint:
                 _module_tensors(name, quantized[name], self.args, self.fmt, weights[name])
             )
         _check_finite(tensors)
-        size = sum(_nbytes(t) for t in tensors.values())
-        self.pending.update(tensors)
-        pending = sum(_nbytes(t) for t in self.pending.values())
-        if pending + size > self.max_shard_bytes:  # the next layer (same size) would not fit
-            self._flush()
-        log.debug("checkpoint: %s queued (%d bytes)", prefix, size)
+        self._write(tensors)
+        log.debug("checkpoint: %s written", prefix)
 
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        keys = sorted(self.pending)
-        path = self.tmp / f"shard-{len(self.shards) + 1:05d}.safetensors"
-        save_file({k: self.pending[k] for k in keys}, str(path), metadata=SAFETENSORS_METADATA)
-        self.total_bytes += sum(_nbytes(self.pending[k]) for k in keys)
-        self.shards.append(keys)
-        self.pending = {}
+    def _write(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        by_shard: dict[str, list[str]] = {}
+        for key, value in tensors.items():
+            shard = self.where.get(key)
+            if shard is None or shard.specs[key] != _Spec(value.dtype, tuple(value.shape)):
+                planned = None if shard is None else shard.specs[key]
+                raise GptqflowError(
+                    f"checkpoint tensor {key} ({value.dtype}, {tuple(value.shape)}) does not "
+                    f"match the planned layout ({planned}); a stage changed a tensor's shape "
+                    "or dtype"
+                )
+            by_shard.setdefault(shard.file, []).append(key)
+        for file, keys in by_shard.items():
+            shard = self.where[keys[0]]
+            with open(self.tmp / file, "r+b") as f:
+                for key in sorted(keys, key=lambda k: shard.offsets[k]):
+                    f.seek(shard.data_start + shard.offsets[key])
+                    f.write(_raw_bytes(tensors[key]))
+        self.written.update(tensors)
 
     # -------------------------------------------------------------- the end
     def finish(self, model: Any, tokenizer: Any = None) -> Path:
@@ -171,17 +332,22 @@ class StreamingCheckpoint:
             self._check_coverage(model)
             rest = self._outside_layers(model)
             _check_finite(rest)
-            if not self.shards and (
-                sum(_nbytes(t) for t in (*self.pending.values(), *rest.values()))
-                <= self.max_shard_bytes
-            ):
-                # One file: exactly what the in-memory writer produces.
-                _save_tensors({**self.pending, **rest}, self.tmp, None)
-                self.pending = {}
-            else:
-                self.pending.update(rest)
-                self._flush_rest()
-                self._name_shards()
+            self._write(rest)
+            unwritten = sorted(set(self.where) - self.written)
+            if unwritten:
+                raise GptqflowError(
+                    f"{len(unwritten)} planned checkpoint tensors were never written "
+                    f"(e.g. {unwritten[:3]}): the layer loop did not finish every layer"
+                )
+            for shard in self.shards:
+                with open(self.tmp / shard.file, "r+b") as f:
+                    os.fsync(f.fileno())
+            if len(self.shards) > 1:
+                weight_map = {k: s.file for k, s in self.where.items()}
+                index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+                (self.tmp / INDEX_NAME).write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n"
+                )
             _save_config(
                 model, self.qconfig, self.tmp, actorder_group=self.args.actorder == "group"
             )
@@ -190,18 +356,18 @@ class StreamingCheckpoint:
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.tmp)
             _match_file_modes(self.tmp, reference=self.tmp / CONFIG_NAME)
-            if self.out_dir.exists() and not self.overwrite:
-                _check_destination(self.out_dir, self.overwrite)
+            _check_destination(self.out_dir, self.overwrite)
             _publish(self.tmp, self.out_dir)
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         self.finished = True
         log.info(
-            "wrote %d quantized modules (%s) to %s",
+            "wrote %d quantized modules (%s) to %s in %d file(s)",
             len(self.quantized),
             self.fmt.value,
             self.out_dir,
+            len(self.shards),
         )
         return self.out_dir
 
@@ -210,37 +376,17 @@ class StreamingCheckpoint:
         if self.writer and not self.finished:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _flush_rest(self) -> None:
-        """What is pending (the last layers and the non-layer tensors), split at the cap."""
-        for keys in _plan_shards(sorted(self.pending), self.pending, self.max_shard_bytes):
-            if keys:
-                part = {k: self.pending[k] for k in keys}
-                saved, self.pending = self.pending, part
-                self._flush()
-                self.pending = {k: v for k, v in saved.items() if k not in part}
-
-    def _name_shards(self) -> None:
-        n = len(self.shards)
-        weight_map: dict[str, str] = {}
-        for i, keys in enumerate(self.shards, start=1):
-            name = f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-    def _outside_layers(self, model: Any) -> dict[str, torch.Tensor]:
-        """Every materialised tensor outside the decoder layers, minus tied copies."""
+    def _outside_layers(self, model: Any, move: bool = True) -> dict[str, torch.Tensor]:
+        """Every tensor outside the decoder layers, minus tied copies (``move``: on the CPU;
+        else as they are, possibly on the meta device, for their shapes)."""
         from gptqflow.modeling.structure import decoder_layers
 
         prefix, _ = decoder_layers(model)
-        state = {
-            k: v
-            for k, v in model.state_dict().items()
-            if not k.startswith(f"{prefix}.") and not v.is_meta
-        }
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{prefix}.")}
         for target in _tied_targets(model, state, set()):
             del state[target]
+        if not move:
+            return state
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def _check_coverage(self, model: Any) -> None:
@@ -318,3 +464,9 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
 def _read(files: dict[str, Path], key: str) -> torch.Tensor:
     with safe_open(str(files[key]), framework="pt") as f:
         return f.get_tensor(key).clone()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's little-endian bytes, as safetensors stores them."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""

@@ -1,9 +1,9 @@
 """Decoder-layer weights read when a layer needs them, and released when it is done.
 
-A model loaded with ``model.weights=stream`` is built on the meta device: its
-decoder layers hold no data. Everything outside the layers (embeddings, the final
-norm, ``lm_head``: what the first layer's inputs and the logits need) is read once.
-A layer's tensors are read from the safetensors files just before the layer is
+A model loaded with ``model.weights=stream`` is built on the meta device: it holds no
+weights. What lies outside the decoder layers (embeddings, the final norm, ``lm_head``)
+is read while a step needs it (:meth:`WeightStore.outside`: the first layer's inputs,
+the logits, the checkpoint's last tensors). A layer's tensors are read from the safetensors files just before the layer is
 processed (:meth:`WeightStore.materialize`) and dropped afterwards
 (:meth:`WeightStore.release`), so a rank's memory holds one layer at a time, not the
 model. Each read opens the file, copies the layer's tensors out and closes it: the
@@ -20,7 +20,8 @@ checkpoint writer). The store never drops values it cannot get back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,6 +87,21 @@ def missing_tensors(model: nn.Module, files: TensorFiles) -> list[str]:
     return missing
 
 
+def _tie(model: nn.Module) -> None:
+    """Re-point tied parameters (``lm_head.weight`` -> the embedding) after a swap."""
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+
+
+def _get_tensor(root: nn.Module, name: str) -> torch.Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    value = getattr(owner, leaf)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
@@ -104,11 +120,14 @@ class WeightStore:
         prefix: str,
         layers: nn.ModuleList,
         dtype: torch.dtype | None,
+        model: nn.Module | None = None,
     ) -> None:
         self.files = files
         self.prefix = prefix
         self.layers = layers
         self.dtype = dtype
+        self.model = model
+        self._outside_users = 0
         self._readers: dict[int, LayerReader] = {}
         self._resident: set[int] = set()
         self._changed: set[int] = set()
@@ -151,6 +170,42 @@ class WeightStore:
                 _set_tensor(layer, name, torch.empty_like(param, device="meta"))
         self._resident.discard(index)
         return True
+
+    # -------------------------------------------------------------- outside the layers
+    def _outside(self) -> list[str]:
+        assert self.model is not None
+        inside = f"{self.prefix}."
+        names = [n for n, _ in self.model.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in self.model.named_buffers()]
+        return [n for n in names if not n.startswith(inside) and n in self.files]
+
+    @contextmanager
+    def outside(self) -> Iterator[None]:
+        """The tensors outside the decoder layers (embeddings, final norm, head) in memory.
+
+        Read when a step needs them (the first layer's inputs, the logits, the
+        checkpoint's last tensors) and dropped afterwards: for a model with a large
+        vocabulary they are a big share of what a rank would otherwise keep.
+        """
+        if self.model is None:
+            yield
+            return
+        if self._outside_users == 0:
+            names = [n for n in self._outside() if _get_tensor(self.model, n).is_meta]
+            for name, value in self.files.read(names, self.dtype).items():
+                _set_tensor(self.model, name, value)
+            _tie(self.model)
+        self._outside_users += 1
+        try:
+            yield
+        finally:
+            self._outside_users -= 1
+            if self._outside_users == 0:
+                for name in self._outside():
+                    value = _get_tensor(self.model, name)
+                    if isinstance(value, nn.Parameter) and not value.is_meta:
+                        _set_tensor(self.model, name, torch.empty_like(value, device="meta"))
+                _tie(self.model)
 
     # -------------------------------------------------------------- changes
     def mark_changed(self, index: int) -> None:
@@ -202,21 +257,10 @@ def build_streamed(
             f"name (e.g. {missing[:3]}); transformers renames them while loading"
         )
     prefix, layers = decoder_layers(model)
-    inside = f"{prefix}."
-    resident = [
-        n
-        for n, _ in [*model.named_parameters(), *model.named_buffers()]
-        if not n.startswith(inside) and n in tensors
-    ]
-    for name, value in tensors.read(resident, want).items():
+    stored = [n for n, _ in model.named_buffers() if n in tensors]  # persistent buffers
+    for name, value in tensors.read(stored, want).items():
         _set_tensor(model, name, value)
-    for name, _ in model.named_buffers():  # persistent buffers stored inside the layers
-        if name.startswith(inside) and name in tensors:
-            _set_tensor(model, name, tensors.read([name], want)[name])
-    model.tie_weights()
+    _tie(model)
     model.eval()
     model.requires_grad_(False)
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(inside)]
-    if still_meta:
-        return f"parameters outside the decoder layers were not read: {still_meta[:3]}"
-    return model, WeightStore(tensors, prefix, layers, want)
+    return model, WeightStore(tensors, prefix, layers, want, model)

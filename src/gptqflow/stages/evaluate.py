@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -67,6 +68,7 @@ def sharded_perplexity(
                 materialize=None if store is None else store.materialize,
                 release=None if store is None else store.release,
                 step=shown.update,
+                outside=nullcontext if store is None else store.outside,
             )
             if len(mine)
             else (0.0, 0)

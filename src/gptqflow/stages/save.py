@@ -1,15 +1,16 @@
 """``save``: rank 0 writes the compressed-tensors checkpoint as the layers finish.
 
 A layer stage: it goes in the layer loop, after the stage that provides ``quantized``
-(``broadcast``). After each decoder layer, rank 0 queues the layer's tensors (packed
-codes, scales, its norms) and writes a safetensors shard whenever the next layer would
-not fit under ``max_shard_size`` (:mod:`gptqflow.modeling.streaming`); the codes of
-written layers then leave every rank's memory, and with streamed weights the layer is
-read back from the checkpoint when needed (the quantized evaluation). After the last
-layer it writes the tensors outside the layers, the config and the tokenizer, and
-renames the directory into place: an interrupted run never leaves a directory that
-looks complete. Reads the ``scheme`` group (written into the config; ``scheme.ignore``
-listed as unquantized) and the top-level ``overwrite``.
+(``broadcast``). Before the first layer rank 0 plans the files (every tensor's shard and
+offset, from the model's shapes and the scheme) and creates them; after each decoder
+layer it writes the layer's tensors (packed codes, scales, its norms) at their offsets
+(:mod:`gptqflow.modeling.streaming`). The codes of written layers then leave every
+rank's memory, and with streamed weights a layer is read back from the checkpoint when
+needed (the quantized evaluation). After the last layer rank 0 writes the tensors
+outside the layers, the config and the tokenizer, and renames the directory into place:
+an interrupted run never leaves a directory that looks complete. Reads the ``scheme``
+group (written into the config; ``scheme.ignore`` listed as unquantized) and the
+top-level ``overwrite``.
 Requires: ``quantized``. Provides: ``checkpoint``: ``<output_dir>/<subdir>``, loadable
 by transformers and vLLM (shards named as transformers names them, with an index).
 Collectives: one gather after the last layer (rank 0's success or error), so no rank
@@ -26,6 +27,7 @@ stages:
 from __future__ import annotations
 
 import errno
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import LayerRun, PipelineState
 from gptqflow.modeling.streaming import StreamingCheckpoint, parse_size
+from gptqflow.modeling.structure import decoder_layers, target_linears
 
 
 def _write_failed(out: Path, exc: OSError) -> str:
@@ -73,6 +76,14 @@ class SaveStage(Stage):
                 max_shard_bytes=parse_size(self.config.max_shard_size),
                 overwrite=self.recipe.overwrite,
                 writer=ctx.is_main,
+            )
+            prefix, layers = decoder_layers(state.model)
+            self.writer.plan(
+                state.model,
+                [
+                    target_linears(layer, f"{prefix}.{i}", scheme.targets, scheme.ignore)
+                    for i, layer in enumerate(layers)
+                ],
             )
         except OSError as exc:
             raise GptqflowError(_write_failed(out, exc)) from exc
@@ -120,7 +131,8 @@ class SaveStage(Stage):
         self._drop_written(state)
         error: BaseException | None = None
         try:
-            writer.finish(state.model, tokenizer=state.tokenizer)
+            with state.weights.outside() if state.weights and ctx.is_main else nullcontext():
+                writer.finish(state.model, tokenizer=state.tokenizer)
         except OSError as exc:  # the writer has already removed its temporary directory
             error = GptqflowError(_write_failed(writer.out_dir, exc))
         except BaseException as exc:
@@ -152,9 +164,8 @@ class SaveConfig(StageConfig):
     subdir: str = Field("checkpoint", description="Checkpoint directory, relative to output_dir.")
     max_shard_size: str = Field(
         "2GB",
-        description="Largest safetensors shard (500MB, 2GB, 1GiB ...). Finished layers wait "
-        "in memory until their shard is written, so this also bounds rank 0's extra memory; "
-        "a model that fits in one shard is written as one model.safetensors.",
+        description="Largest safetensors shard (500MB, 2GB, 1GiB ...): a shard is a run of "
+        "whole decoder layers; a model that fits in one is written as one model.safetensors.",
     )
 
     @field_validator("max_shard_size")
