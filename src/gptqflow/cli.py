@@ -225,9 +225,17 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json as _json
 
+    from gptqflow.framework.schema import DatasetGroup
     from gptqflow.planning import parse_world_sizes, plan_report
 
-    report = plan_report(args.config, parse_world_sizes(args.world_sizes), args.cost_model)
+    defaults = DatasetGroup.model_fields
+    report = plan_report(
+        args.config,
+        parse_world_sizes(args.world_sizes),
+        args.cost_model,
+        num_samples=args.num_samples or defaults["num_samples"].default,
+        seq_len=args.seq_len or defaults["seq_len"].default,
+    )
     print(_json.dumps(report.data, indent=2) if args.json else report.text)
     return 0
 
@@ -300,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="schema of one config group's option files instead",
     )
     plan = sub.add_parser(
-        "plan", help="predict the per-rank solve plan of a model config at many world sizes"
+        "plan",
+        help="predict the per-rank solve plan and peak memory of a model config at many world sizes",
     )
     plan.add_argument(
         "config",
@@ -311,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--cost-model", help="cost-model JSON from bench/fit_cost.py (default: bundled CPU fit)"
+    )
+    plan.add_argument(
+        "--num-samples",
+        type=int,
+        help="calibration sequences, for the memory prediction (default: dataset.num_samples's)",
+    )
+    plan.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per calibration sequence (default: dataset.seq_len's)",
     )
     plan.add_argument("--json", action="store_true", help="print the prediction as JSON")
     rep = sub.add_parser(

@@ -31,6 +31,7 @@ from gptqflow.gptq.plan import (
     Planner,
     layer_prediction,
 )
+from gptqflow.modeling.memory import DEFAULT_BASE_BYTES, predict_rank_memory
 from gptqflow.modeling.structure import decoder_layers
 
 __all__ = [
@@ -145,6 +146,14 @@ def _group_linears(layer: nn.Module) -> list[GroupShape]:
     return [GroupShape(tuple(n), tuple(r), c) for n, r, c, _ in groups]
 
 
+def _meta_model(config: str | Path | Mapping[str, Any]) -> tuple[str, nn.Module]:
+    from transformers import AutoModelForCausalLM
+
+    cfg, label = _load_config(config)
+    with torch.device("meta"):
+        return label, AutoModelForCausalLM.from_config(cfg)
+
+
 def layer_groups(
     config: str | Path | Mapping[str, Any],
 ) -> tuple[str, list[tuple[list[GroupShape], int]]]:
@@ -153,11 +162,7 @@ def layer_groups(
     The model is built on the meta device from the config, so the shapes are exactly
     what transformers builds (head_dim, kv heads, biases), and nothing is allocated.
     """
-    from transformers import AutoModelForCausalLM
-
-    cfg, label = _load_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    label, model = _meta_model(config)
     _, layers = decoder_layers(model)
     kinds: dict[tuple[GroupShape, ...], int] = {}
     for layer in layers:
@@ -176,6 +181,8 @@ def plan_report(
     *,
     group_size: int = 128,
     scale_bytes: int = 2,
+    num_samples: int = 64,
+    seq_len: int = 512,
 ) -> PlanReport:
     """Predict the solve of every layer kind at each world size, for both planners.
 
@@ -200,7 +207,53 @@ def plan_report(
         kind, text = _layer_kind(groups, count, world_sizes, cost, group_size, scale_bytes)
         data["layer_kinds"].append(kind)
         lines += text
+    memory, text = _memory(config, kinds, world_sizes, num_samples, seq_len)
+    data["memory"] = memory
+    lines += text
     return PlanReport("\n".join(lines), data)
+
+
+def _memory(
+    config: str | Path | Mapping[str, Any],
+    kinds: list[tuple[list[GroupShape], int]],
+    world_sizes: Sequence[int],
+    num_samples: int,
+    seq_len: int,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Predicted peak host memory per rank (streamed weights) at each world size."""
+    _, model = _meta_model(config)
+    shapes = max(
+        ([list(zip(g.rows, [g.cols] * len(g.rows))) for g in groups] for groups, _ in kinds),
+        key=lambda gs: sum(r * c for g in gs for r, c in g),
+    )
+    gib = 2**30
+    lines = [
+        f"memory per rank (model.weights=stream, calibration {num_samples} x {seq_len} tokens, "
+        f"float32; base {DEFAULT_BASE_BYTES / gib:.2f} GiB of process):",
+        "  ranks  tokens/rank  rank 0 GiB  other ranks GiB  all ranks GiB  (capture / layer / finish GiB, rank 0)",
+    ]
+    out = []
+    for w in world_sizes:
+        tokens = -(-num_samples // int(w)) * seq_len
+        main = predict_rank_memory(model, shapes, tokens, main_rank=True)
+        other = predict_rank_memory(model, shapes, tokens, main_rank=False)
+        total = main.peak + (int(w) - 1) * other.peak
+        lines.append(
+            f"  {w:5d}  {tokens:11d}  {main.peak / gib:10.2f}  {other.peak / gib:15.2f}"
+            f"  {total / gib:13.2f}  ({main.capture / gib:.2f} / {main.layer / gib:.2f} / "
+            f"{main.finish / gib:.2f})"
+        )
+        out.append(
+            {
+                "world_size": int(w),
+                "tokens_per_rank": tokens,
+                "rank0": main.to_dict(),
+                "other_rank": other.to_dict(),
+                "total_bytes": total,
+            }
+        )
+    lines.append("")
+    return out, lines
 
 
 def _layer_kind(
