@@ -1,0 +1,57 @@
+"""The per-rank memory prediction of ``gptqflow plan``: each moment from the shapes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gptqflow.modeling.memory import predict_rank_memory
+from gptqflow.planning import plan_report
+
+CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "tie_word_embeddings": False,
+}
+
+
+def _model() -> LlamaForCausalLM:
+    cfg = {k: v for k, v in CONFIG.items() if k != "model_type"}
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+def test_each_moment_is_the_sum_of_its_tensors() -> None:
+    h, i, v, tokens = 64, 176, 1000, 300
+    groups = [[(64, 64), (32, 64), (32, 64)], [(64, 64)], [(176, 64), (176, 64)], [(64, 176)]]
+    got = predict_rank_memory(_model(), groups, tokens, base_bytes=0)
+    outside = (2 * v * h + h) * 4  # embeddings, head, final norm
+    states = tokens * h * 4
+    layer = (64 * 64 * 2 + 32 * 64 * 2 + 3 * 176 * 64 + 2 * 64) * 4  # q,o + k,v + mlp + norms
+    down = tokens * 176 * 4 + 176 * 176 * 8 + 3 * 176 * 176 * 4 + 3 * 64 * 176 * 4
+    assert got.capture == outside + states
+    assert got.layer == layer + 2 * states + down
+    assert got.finish == outside
+    assert got.peak == max(got.capture, got.layer, got.finish)
+    assert predict_rank_memory(_model(), groups, tokens, main_rank=False, base_bytes=0).finish == 0
+
+
+def test_plan_prints_memory_for_each_world_size() -> None:
+    report = plan_report(CONFIG, [1, 4], num_samples=8, seq_len=32)
+    assert "memory per rank" in report.text
+    rows = report.data["memory"]
+    assert [r["world_size"] for r in rows] == [1, 4]
+    assert [r["tokens_per_rank"] for r in rows] == [256, 64]
+    for r in rows:
+        w = r["world_size"]
+        assert (
+            r["total_bytes"] == r["rank0"]["peak_bytes"] + (w - 1) * r["other_rank"]["peak_bytes"]
+        )
+    assert rows[1]["rank0"]["layer_bytes"] < rows[0]["rank0"]["layer_bytes"], (
+        "fewer tokens per rank"
+    )
