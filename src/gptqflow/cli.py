@@ -173,12 +173,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> float:
+    import math
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from gptqflow.framework.progress import WorkProgress
     from gptqflow.modeling.modeldir import check_model_dir
-    from gptqflow.modeling.perplexity import eval_windows, perplexity
+    from gptqflow.modeling.perplexity import eval_windows, layerwise_nll
+    from gptqflow.modeling.structure import decoder_layers
     from gptqflow.modeling.text import load_tokenizer, read_text
     from gptqflow.stages.evaluate import leading_tokens
 
@@ -193,12 +196,16 @@ def _evaluate(args: argparse.Namespace) -> float:
         )
     except Exception as exc:  # safetensors, torch and transformers raise many types
         raise GptqflowError(f"{path}: cannot load the model ({type(exc).__name__}: {exc})") from exc
-    model.to(device)  # type: ignore[arg-type]
     ids = leading_tokens(tok, text, args.max_tokens)
-    n_windows = eval_windows(ids, args.seq_len, args.max_tokens).shape[0]
+    windows = eval_windows(ids, args.seq_len, args.max_tokens)
+    n_layers = len(decoder_layers(model)[1])
     bar = sys.stderr.isatty()
-    with WorkProgress(n_windows, "perplexity", "window", bar=bar, log_lines=True) as shown:
-        return perplexity(model, ids, args.seq_len, args.max_tokens, device, step=shown.update)
+    # One decoder layer on the device at a time (the model stays on the CPU).
+    with WorkProgress(
+        n_layers + len(windows), "perplexity", "step", bar=bar, log_lines=True
+    ) as shown:
+        nll, count = layerwise_nll(model, windows, device, step=shown.update)
+    return math.exp(nll / count)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
