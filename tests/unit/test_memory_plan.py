@@ -27,7 +27,7 @@ def _model() -> LlamaForCausalLM:
 
 
 def test_each_moment_is_the_sum_of_its_tensors() -> None:
-    h, i, v, tokens = 64, 176, 1000, 300
+    h, v, tokens = 64, 1000, 300
     groups = [[(64, 64), (32, 64), (32, 64)], [(64, 64)], [(176, 64), (176, 64)], [(64, 176)]]
     got = predict_rank_memory(_model(), groups, tokens, base_bytes=0)
     outside = (2 * v * h + h) * 4  # embeddings, head, final norm

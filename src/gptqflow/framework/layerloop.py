@@ -85,6 +85,25 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _dispose(layer: LayerRun) -> None:
+    """Free a finished layer's per-group tensors now, not at some later collection.
+
+    A ``GroupRun`` and its ``LayerRun`` refer to each other, so reference counting
+    alone never frees them: their inputs, Hessians and results would wait for a
+    cyclic collection, which the loop's few Python allocations rarely trigger (a
+    layer's Hessians are hundreds of MB on a wide model). The cycle is cut by hand;
+    one collection of what the loop made (cheap: the heap before it is frozen) then
+    frees whatever a plugin's own state tied into a cycle.
+    """
+    for group in layer.groups:
+        group.inputs = group.hessian = group.reduced_hessian = None
+        group.results.clear()
+        group.modules.clear()
+    layer.groups.clear()
+    layer.inputs = layer.outputs = None
+    gc.collect()
+
+
 def _imbalance(seconds: list[float]) -> float:
     """max / mean over the ranks (1.0 when nobody spent any time)."""
     mean = sum(seconds) / len(seconds)
@@ -181,6 +200,7 @@ class LayerLoop:
             bar.layer_done(seconds)
             hidden = layer.outputs
             self.resume.after_layer(state, layer, self.stages, n_layers)
+            _dispose(layer)
         for sid, stage in self.stages:
             if type(stage).after_loop is not Stage.after_loop:  # timed only where there is work
                 with self.clock.measure(sid):
