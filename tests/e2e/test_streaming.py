@@ -146,3 +146,28 @@ def test_resumed_sharded_run_writes_the_same_bytes(
     assert not (tmp_path / "checkpoint").exists(), "nothing that looks complete"
     _run(tiny_llama3_dir, tmp_path, SHARD, "runtime.checkpoint_every=1", "runtime.resume=true")
     assert _files(tmp_path / "checkpoint") == _files(Path(sharded.recipe.output_dir) / "checkpoint")
+
+
+def test_crash_in_the_evaluation_after_the_checkpoint_resumes(
+    tiny_llama3_dir: Path, single: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint is published before the quantized evaluation; a run that dies there
+    resumes (runtime.resume=true), writes the same checkpoint again and measures it."""
+    from gptqflow.stages.evaluate import EvaluateStage
+
+    original = EvaluateStage.run
+
+    def crash(self: EvaluateStage, state: Any, ctx: Any) -> None:
+        if state.is_quantized:
+            raise _Crash
+        original(self, state, ctx)
+
+    monkeypatch.setattr(EvaluateStage, "run", crash)
+    with pytest.raises(_Crash):
+        _run(tiny_llama3_dir, tmp_path, "runtime.checkpoint_every=1")
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    monkeypatch.setattr(EvaluateStage, "run", original)
+    resumed = _run(tiny_llama3_dir, tmp_path, "runtime.checkpoint_every=1", "runtime.resume=true")
+    reference = Path(single.recipe.output_dir) / "checkpoint"
+    assert _files(tmp_path / "checkpoint") == _files(reference)
+    assert _report(resumed)["perplexity"] == _report(single)["perplexity"]

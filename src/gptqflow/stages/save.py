@@ -74,7 +74,7 @@ class SaveStage(Stage):
                 scheme.quant_args(),
                 ignore=scheme.ignore,
                 max_shard_bytes=parse_size(self.config.max_shard_size),
-                overwrite=self.recipe.overwrite,
+                overwrite=self.recipe.overwrite or self.recipe.runtime.resume,
                 writer=ctx.is_main,
             )
             prefix, layers = decoder_layers(state.model)
@@ -176,7 +176,10 @@ class SaveConfig(StageConfig):
 
     def preflight(self, recipe: Recipe) -> list[Problem]:
         target = Path(recipe.output_dir) / self.subdir
-        if target.exists() and any(target.iterdir()) and not recipe.overwrite:
+        # A resumed run may have published its checkpoint before it died (in the
+        # evaluation after the loop): it writes the same one again.
+        replace = recipe.overwrite or recipe.runtime.resume
+        if target.exists() and any(target.iterdir()) and not replace:
             return [
                 Problem(
                     f"stages.{self.id}",
