@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SMALL = [
     "dataset.num_samples=4",
     "dataset.seq_len=32",
@@ -76,3 +78,49 @@ def test_users_own_torchrun(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert not list(tmp_path.rglob(".hydra")), (
         "ranks under torchrun must not create Hydra directories"
     )
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_as_two_nodes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """``torchrun --nnodes=2`` as documented, both agents on this host sharing output_dir:
+    the ranks pass the shared-directory check and write the 1-rank checkpoint's bytes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, single = tmp_path / "nodes", tmp_path / "single"
+    recipe = ["--config-name", "gptq_w4a16", f"model.path={tiny_llama_dir}", *SMALL]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node-rank={node}",
+                "--nproc-per-node=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "gptqflow",
+                "run",
+                *recipe,
+                f"output_dir={out}",
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    results = [a.communicate(timeout=300) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in results]
+    assert json.loads((out / "report.json").read_text())["world_size"] == 2
+    r = _run([sys.executable, "-m", "gptqflow", "run", *recipe, f"output_dir={single}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    weights = "checkpoint/model.safetensors"
+    assert (out / weights).read_bytes() == (single / weights).read_bytes()
+    assert not list(out.glob(".gptqflow-shared-*")), "the probe file is removed"
