@@ -25,13 +25,21 @@ def compose(
 
 
 def run(
-    config: Any = "gptq_w4a16", overrides: list[str] | None = None, config_dir: str | None = None
+    config: Any = "gptq_w4a16",
+    overrides: list[str] | None = None,
+    config_dir: str | None = None,
+    *,
+    calibration: Any = None,
 ) -> dict[str, Any]:
     """Run a recipe in this process (world size 1) and return its report.
 
     ``config`` is a recipe name (composed from ``recipes/``), a path to a YAML file,
-    or an already composed dict / DictConfig.
+    or an already composed dict / DictConfig. ``calibration`` replaces the recipe's
+    calibration source with data: a ``datasets.Dataset`` (a ``messages`` or ``text``
+    column), a list of strings, or a list of conversations (lists of ``{"role",
+    "content"}`` turns); the ``dataset`` group's other keys (num_samples, seq_len, seed,
+    packing, the column names) apply as they do to ``dataset.path``.
     """
     from gptqflow.framework.api import run_recipe
 
-    return run_recipe(config, overrides or [], config_dir)
+    return run_recipe(config, overrides or [], config_dir, calibration=calibration)

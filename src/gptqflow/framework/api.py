@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.preflight import preflight
 from gptqflow.framework.runner import Runner
 from gptqflow.framework.schema import Recipe, validate_recipe
+from gptqflow.modeling.calibdata import PYTHON_SOURCE
+
+log = logging.getLogger("gptqflow")
 
 
 def resolve_config(config: Any, overrides: list[str], config_dir: str | None) -> dict[str, Any]:
@@ -30,9 +34,19 @@ def resolve_config(config: Any, overrides: list[str], config_dir: str | None) ->
 
 
 def execute(
-    resolved: dict[str, Any], ctx: DistContext | None = None, *, source: str | None = None
+    resolved: dict[str, Any],
+    ctx: DistContext | None = None,
+    *,
+    source: str | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
-    """Validate and run a resolved recipe in this process; return the report."""
+    """Validate and run a resolved recipe in this process; return the report.
+
+    ``calibration`` (data, see :func:`gptqflow.run`) replaces the recipe's calibration
+    source: ``dataset.path`` is recorded as ``<calibration>`` in recipe.yaml.
+    """
+    if calibration is not None:
+        resolved = with_calibration_argument(resolved)
     recipe: Recipe = validate_recipe(resolved, file=source)
     preflight(recipe)
     own = ctx is None
@@ -42,13 +56,29 @@ def execute(
             backend=rt.backend, device=rt.device, timeout_s=rt.timeout_s
         )
     try:
-        return Runner(recipe, resolved, ctx).run()
+        return Runner(recipe, resolved, ctx, calibration=calibration).run()
     finally:
         if own:
             ctx.close()
 
 
-def run_recipe(config: Any, overrides: list[str], config_dir: str | None) -> dict[str, Any]:
+def with_calibration_argument(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with its calibration source replaced by the ``calibration=`` argument.
+
+    ``dataset.path`` becomes ``<calibration>`` and ``dataset.calibration_file`` null, so
+    the written recipe.yaml says where the data came from and preflight checks no file.
+    """
+    data = dict(resolved.get("dataset") or {})
+    replaced = data.get("calibration_file") or data.get("path")
+    if replaced is not None and replaced != PYTHON_SOURCE:
+        log.info("calibration= replaces the recipe's calibration source %s", replaced)
+    data.update(calibration_file=None, path=PYTHON_SOURCE)
+    return {**resolved, "dataset": data}
+
+
+def run_recipe(
+    config: Any, overrides: list[str], config_dir: str | None, *, calibration: Any = None
+) -> dict[str, Any]:
     """Compose (if needed), validate and run a recipe in this process."""
     resolved = resolve_config(config, overrides, config_dir)
     if int(resolved.get("runtime", {}).get("nproc_per_node", 1)) > 1:
@@ -56,4 +86,4 @@ def run_recipe(config: Any, overrides: list[str], config_dir: str | None) -> dic
             "gptqflow.run() runs in this process (one rank); for runtime.nproc_per_node > 1 "
             "use the `gptqflow run` command, which starts the ranks"
         )
-    return execute(resolved)
+    return execute(resolved, calibration=calibration)

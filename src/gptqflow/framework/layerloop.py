@@ -48,8 +48,10 @@ from gptqflow.framework.stage import Stage
 from gptqflow.framework.state import GroupRun, LayerRun, PipelineState
 from gptqflow.gptq.numerics import count_nonfinite
 from gptqflow.modeling.forward import (
+    Chunks,
     capture_layer_inputs,
     per_sample_linears,
+    run_until,
     to_device,
     trace_groups,
 )
@@ -163,7 +165,7 @@ class LayerLoop:
         ctx, recipe = self.ctx, state.recipe
         prefix, layers = decoder_layers(state.model)
         n_layers = self.n_layers = len(layers)
-        hidden: torch.Tensor | None = None
+        hidden: torch.Tensor | Chunks | None = None
         kwargs: dict[str, Any] = {}
         self.clock.reset_device_peak()
         with self.clock.measure(LOOP_KEY):
@@ -256,7 +258,7 @@ class LayerLoop:
         layer: LayerRun,
         names: list[str],
         modules: list[nn.Module],
-        inputs: torch.Tensor | None,
+        inputs: torch.Tensor | list[torch.Tensor] | None,
         timer: _Timer,
     ) -> None:
         group = GroupRun(layer, len(layer.groups), names, modules, inputs=inputs)
@@ -266,8 +268,15 @@ class LayerLoop:
                 stage.on_group(group, self.ctx)
 
     def _forward(self, layer: LayerRun, timer: _Timer) -> None:
-        """The layer's forward over this rank's samples; each group's hooks at its first call."""
+        """The layer's forward over this rank's samples; each group's hooks at its first call.
+
+        Samples of one length (a ``[n, seq, h]`` tensor) take one forward; samples of
+        several lengths (:class:`Chunks`) take :meth:`_forward_chunks`.
+        """
         assert layer.inputs is not None
+        if isinstance(layer.inputs, Chunks):
+            self._forward_chunks(layer, layer.inputs, timer)
+            return
         groups = self._groups(layer)
         group_of = {layer.targets[n]: gi for gi, g in enumerate(groups) for n in g}
         done: set[int] = set()
@@ -287,6 +296,43 @@ class LayerLoop:
             for h in handles:
                 h.remove()
         hidden = out[0] if isinstance(out, tuple) else out
+        self._check_outputs(layer, hidden)
+        layer.outputs = hidden
+        # Every layer sees the same samples: the rank's calibration tokens, not a sum over layers.
+        layer.state.tokens_calibrated = int(layer.inputs.shape[0] * layer.inputs.shape[1])
+
+    def _forward_chunks(self, layer: LayerRun, chunks: Chunks, timer: _Timer) -> None:
+        """The forward over chunks of equal-length samples, each with its own kwargs.
+
+        A group's statistics must cover every chunk before its ``on_group`` hooks run
+        (the solve needs the whole Hessian), and the groups after it must see its
+        quantized outputs. So for each group in call order, every chunk runs forward up
+        to the group's first module and stops there; the inputs collected from all
+        chunks become ``group.inputs`` (a list, one tensor per chunk) and the group's
+        hooks run; a last full forward of every chunk gives the layer's outputs. A
+        layer of G groups costs up to G+1 partial forwards instead of one; each
+        sample's arithmetic is the same as in one forward (Linears compute sample by
+        sample), so the result does not depend on how samples are chunked.
+        """
+        groups = self._groups(layer)
+        with per_sample_linears(layer.module), torch.inference_mode():
+            for names in groups:
+                first = layer.targets[names[0]]
+                inputs = [
+                    run_until(layer.module, first, x, kw)
+                    for x, kw in zip(chunks.parts, chunks.kwargs)
+                ]
+                self._group(layer, names, [layer.targets[n] for n in names], inputs, timer)
+            parts = []
+            for x, kw in zip(chunks.parts, chunks.kwargs):
+                out = layer.module(x, **kw)
+                hidden = out[0] if isinstance(out, tuple) else out
+                self._check_outputs(layer, hidden)
+                parts.append(hidden)
+        layer.outputs = Chunks(parts, chunks.kwargs)
+        layer.state.tokens_calibrated = chunks.tokens
+
+    def _check_outputs(self, layer: LayerRun, hidden: torch.Tensor) -> None:
         # Inputs are checked through the group Hessians; this catches NaN/Inf that first
         # appear after the layer's last target module (e.g. the final residual add).
         if bad := count_nonfinite(hidden):
@@ -294,9 +340,6 @@ class LayerLoop:
                 f"layer {layer.index} ({layer.name}): its outputs have {bad} NaN/Inf values "
                 f"(rank {self.ctx.rank}'s calibration samples); check the model's weights and dtype"
             )
-        layer.outputs = hidden
-        # Every layer sees the same samples: the rank's calibration tokens, not a sum over layers.
-        layer.state.tokens_calibrated = int(layer.inputs.shape[0] * layer.inputs.shape[1])
 
     def _groups(self, layer: LayerRun) -> list[list[str]]:
         """The layer's groups, traced once per kind of layer (class + targeted names).
@@ -310,7 +353,11 @@ class LayerLoop:
         key = (type(layer.module), tuple(n[cut:] for n in layer.targets))
         if key not in self._group_cache:
             assert layer.inputs is not None
-            traced = trace_groups(layer.module, layer.inputs[:1], layer.kwargs, layer.targets)
+            if isinstance(layer.inputs, Chunks):
+                x, kwargs = layer.inputs.parts[0][:1], layer.inputs.kwargs[0]
+            else:
+                x, kwargs = layer.inputs[:1], layer.kwargs
+            traced = trace_groups(layer.module, x, kwargs, layer.targets)
             self._group_cache[key] = [[n[cut:] for n in g] for g in traced]
         return [[f"{layer.name}.{n}" for n in g] for g in self._group_cache[key]]
 

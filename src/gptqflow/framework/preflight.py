@@ -14,7 +14,7 @@ from gptqflow.errors import GptqflowError
 from gptqflow.framework.schema import Problem, Recipe, RecipeError
 from gptqflow.modeling.modeldir import check_architecture, check_model_dir
 from gptqflow.modeling.structure import group_size_problems, linear_shapes, read_model_config
-from gptqflow.modeling.text import read_text
+from gptqflow.modeling.text import dataset_file_problem, read_text
 
 
 def model_problems(recipe: Recipe, *, require_model: bool) -> list[Problem]:
@@ -60,7 +60,9 @@ def file_problems(recipe: Recipe) -> list[Problem]:
 
 
 def text_file_problem(key: str, path: str) -> Problem | None:
-    """``key``'s file missing, or not usable UTF-8 text ."""
+    """``key``'s file missing, a dataset (data file, directory), or not usable UTF-8 text."""
+    if (dataset := dataset_file_problem(Path(path))) is not None:
+        return Problem(key, dataset)
     if not Path(path).is_file():
         return Problem(key, f"file {path!r} does not exist")
     problem = _text_problem(path)

@@ -41,8 +41,16 @@ log = logging.getLogger("gptqflow")
 class Runner:
     """Runs one recipe on one rank. Build it, then call :meth:`run`."""
 
-    def __init__(self, recipe: Recipe, resolved: dict[str, Any], ctx: DistContext) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        resolved: dict[str, Any],
+        ctx: DistContext,
+        *,
+        calibration: Any = None,
+    ) -> None:
         self.recipe = recipe
+        self.calibration = calibration  # gptqflow.run(calibration=...): data, not a config
         self.resolved = resolved
         self.ctx = ctx
         self.ids = [c.id for c in recipe.stages]
@@ -84,6 +92,7 @@ class Runner:
             torch.set_num_threads(len(cores))  # no more threads than the cores it may use
         torch.manual_seed(self.recipe.seed)
         state = self.state = PipelineState(recipe=self.recipe, output_dir=self.output_dir)
+        state.calibration = self.calibration
         state.progress = progress_enabled(rt.progress, ctx.is_main)
         start = time.perf_counter()
         error: BaseException | None = None
@@ -167,6 +176,8 @@ class Runner:
             "num_samples": r.dataset.num_samples,
             "seq_len": r.dataset.seq_len,
             "tokens_calibrated": sum(int(x.get("tokens_calibrated", 0)) for x in ranks),
+            # Source, fingerprint, samples and tokens per rank (the partition stage's split).
+            "calibration": state.calibration_info or None,
             "model": r.model.path,
             # How the weights were held: "stream" (layer by layer from the files) or
             # "eager" (the whole model), with the reason when streaming was not possible.

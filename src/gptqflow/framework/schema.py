@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from gptqflow.errors import GptqflowError
 from gptqflow.framework.contracts import check_order
@@ -53,9 +53,33 @@ class ModelGroup(_Group):
 
 
 class DatasetGroup(_Group):
-    """``dataset.*``: calibration and evaluation text and sizes."""
+    """``dataset.*``: calibration data (a plain-text file or a ``datasets`` source), eval text, sizes."""
 
-    calibration_file: str = Field(description="Plain-text calibration file.")
+    calibration_file: str | None = Field(
+        None,
+        description="Plain-text calibration file, tokenized as one stream and cut into seq_len "
+        "windows (the text route); null when dataset.path is set.",
+    )
+    path: str | None = Field(
+        None,
+        description="Calibration data read with Hugging Face datasets, offline: a .json/.jsonl/"
+        ".csv/.parquet/.arrow file, a save_to_disk directory or the name of a dataset in the "
+        "local Hugging Face cache (never downloaded); null for the text route.",
+    )
+    split: str = Field("train", description="Split of dataset.path (a single file: train).")
+    text_column: str = Field(
+        "text", description="Column of dataset.path with text rows (used when no messages column)."
+    )
+    messages_column: str = Field(
+        "messages",
+        description="Column of dataset.path with conversations (lists of {role, content} turns), "
+        "rendered with the tokenizer's chat template; preferred over the text column.",
+    )
+    packing: bool = Field(
+        False,
+        description="dataset.path: false = one row is one sample of its own length (at most "
+        "seq_len tokens); true = rows joined with EOS and cut into seq_len windows.",
+    )
     eval_file: str = Field(description="Plain-text evaluation file (perplexity).")
     num_samples: int = Field(
         64, ge=1, description="Calibration sequences.", json_schema_extra={"unit": "sequences"}
@@ -63,7 +87,8 @@ class DatasetGroup(_Group):
     seq_len: int = Field(
         512,
         ge=8,
-        description="Tokens per calibration sequence / eval window.",
+        description="Tokens per calibration sequence (rows of dataset.path without packing: the "
+        "maximum, longer rows are truncated) / eval window.",
         json_schema_extra={"unit": "tokens"},
     )
     eval_tokens: int = Field(
@@ -74,9 +99,18 @@ class DatasetGroup(_Group):
     )
     seed: int = Field(
         0,
-        description="Seed of the calibration window selection.",
+        description="Seed of the calibration window (text, packing) or row selection.",
         json_schema_extra={"unit": None},
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetGroup:
+        if self.calibration_file is not None and self.path is not None:
+            raise ValueError(
+                "set one calibration source: dataset.calibration_file (plain text) or "
+                "dataset.path (a datasets source), not both; `dataset=local` selects the second"
+            )
+        return self
 
 
 class SchemeGroup(_Group):

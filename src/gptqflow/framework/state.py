@@ -28,6 +28,7 @@ from torch import nn
 from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.types import QuantResult
+from gptqflow.modeling.forward import Chunks
 from gptqflow.modeling.weights import WeightStore
 
 if TYPE_CHECKING:
@@ -92,8 +93,14 @@ class PipelineState:
     weights: WeightStore | None = None
     # How the weights were loaded, for report.json: {"mode": ..., "reason": ...}.
     weights_mode: dict[str, str] = field(default_factory=lambda: {"mode": "eager"})
-    samples: torch.Tensor | None = None  # this rank's calibration token ids [n_local, seq_len]
-    sample_range: range = range(0)
+    # This rank's calibration token ids: [n_local, seq_len] when every sample has one length
+    # (the text route, packing), else one 1-D tensor per sample (rows of a dataset).
+    samples: torch.Tensor | list[torch.Tensor] | None = None
+    sample_range: range = range(0)  # global indices of the samples (equal-length routes)
+    # Data handed to gptqflow.run(calibration=...): a datasets.Dataset or a list (not a config).
+    calibration: Any = None
+    # report.json's "calibration": source, fingerprint, samples and tokens per rank.
+    calibration_info: dict[str, Any] = field(default_factory=dict)
     # Every quantized module (after the loop: all of them, on every rank), by module name.
     quantized: dict[str, QuantResult] = field(default_factory=dict)
     # Quantized modules already written out (the streaming save) and dropped from ``quantized``.
@@ -125,9 +132,11 @@ class LayerRun:
     name: str  # module name, e.g. model.layers.3
     module: nn.Module
     targets: dict[str, nn.Module]  # the modules to quantize, by full name
-    inputs: torch.Tensor | None = None  # this rank's hidden states entering it [n, seq, h]
+    # This rank's hidden states entering it: [n, seq, h] when its samples share one length,
+    # else Chunks (equal-length batches, each with its own kwargs; rows of a dataset).
+    inputs: torch.Tensor | Chunks | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)  # the layer's other forward arguments
-    outputs: torch.Tensor | None = None  # after the forward: the next layer's inputs
+    outputs: torch.Tensor | Chunks | None = None  # after the forward: the next layer's inputs
     groups: list[GroupRun] = field(default_factory=list)  # in the order they were reached
     # Entries stages add to this layer's report.json entry (same value on every rank).
     report: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +151,11 @@ class GroupRun:
     index: int
     names: list[str]
     modules: list[nn.Module]
-    inputs: torch.Tensor | None = None  # this rank's input to the group [n, seq, cols]
+    # This rank's input to the group: [n, seq, cols] when its samples share one length, else
+    # a list with one [n_c, len_c, cols] tensor per chunk of equal-length samples (every
+    # sample exactly once, the earlier groups of the layer already quantized); see
+    # ``input_chunks``.
+    inputs: torch.Tensor | list[torch.Tensor] | None = None
     hessian: HessianSum | None = None  # sum of 2·xᵀx (float64) and token count
     reduced_hessian: torch.Tensor | None = None  # float32, all ranks' sum / all tokens
     plan: list[RowSlice] = field(default_factory=list)  # who solves which rows
@@ -150,6 +163,12 @@ class GroupRun:
     shared_factor: bool = False
     results: dict[tuple[int, int], QuantResult] = field(default_factory=dict)  # (module, start)
     slots: Slots = field(default_factory=Slots)
+
+    @property
+    def input_chunks(self) -> list[torch.Tensor]:
+        """``inputs`` as a list of ``[n_c, len_c, cols]`` chunks (one chunk for a tensor)."""
+        assert self.inputs is not None, "contracts: the group's inputs were computed"
+        return [self.inputs] if isinstance(self.inputs, torch.Tensor) else list(self.inputs)
 
     @property
     def weights(self) -> list[torch.Tensor]:

@@ -39,6 +39,8 @@ def read_text(path: str | os.PathLike[str]) -> str:
     Line endings are kept as they are.
     """
     p = Path(path)
+    if (problem := dataset_file_problem(p)) is not None:
+        raise GptqflowError(problem)
     raw = _read_bytes(p)
     body = raw[len(_UTF8_BOM) :] if raw.startswith(_UTF8_BOM) else raw
     bom_len = len(raw) - len(body)
@@ -60,6 +62,28 @@ def read_text(path: str | os.PathLike[str]) -> str:
     if not text.strip():
         raise GptqflowError(f"{p}: contains no text (only whitespace); give a non-empty text file.")
     return text
+
+
+#: Data files and directories the plain-text route refuses: ``datasets`` reads them.
+DATASET_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
+
+
+def dataset_file_problem(p: Path) -> str | None:
+    """Why ``p`` is a dataset rather than plain text (a data file or a directory), or None.
+
+    Read as text, a chat JSONL would calibrate the model on JSON syntax, and a
+    ``save_to_disk`` directory or a parquet file cannot be read at all.
+    """
+    if p.is_dir():
+        what = "a directory"
+    elif p.suffix.lower() in DATASET_SUFFIXES:
+        what = f"a {p.suffix.lower()} data file"
+    else:
+        return None
+    return (
+        f"{p}: is {what}, not a plain-text file; the text route (dataset.calibration_file) "
+        f"reads plain text only: for a dataset use `dataset=local dataset.path={p}`"
+    )
 
 
 def _read_bytes(p: Path) -> bytes:
@@ -115,12 +139,15 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     which avoids transformers' "sequence longer than model_max_length" warning and
     tokenizes the 1.3 MB WikiText test split in well under a second.
     """
+    return torch.tensor(encode(tokenizer, text), dtype=torch.long).unsqueeze(0)
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens (see :func:`tokenize_text`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        ids = backend.encode(text, add_special_tokens=False).ids
-    else:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def calibration_windows(n_tokens: int, num_samples: int, seq_len: int, seed: int) -> list[int]:
@@ -145,11 +172,11 @@ def calibration_windows(n_tokens: int, num_samples: int, seq_len: int, seed: int
             f"{seq_len} tokens need {num_samples * seq_len}; use fewer samples, a shorter "
             "seq_len, or a longer text."
         )
-    slots = _seeded_sample(n_slots, num_samples, seed)
+    slots = seeded_sample(n_slots, num_samples, seed)
     return [slot * seq_len for slot in sorted(slots)]
 
 
-def _seeded_sample(population: int, k: int, seed: int) -> list[int]:
+def seeded_sample(population: int, k: int, seed: int) -> list[int]:
     """``k`` distinct integers from ``range(population)``: a partial Fisher-Yates shuffle.
 
     Written out (instead of ``random.sample``) because only ``random()`` is promised to

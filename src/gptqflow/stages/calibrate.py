@@ -32,11 +32,11 @@ class CalibrateStage(Stage):
     config: CalibrateConfig
 
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
-        x = group.inputs
-        assert x is not None, "contracts: calibrate requires group.inputs"
-        hs = HessianSum.zeros(x.shape[-1], device=x.device)
-        for i in range(x.shape[0]):
-            hs.add(x[i])
+        chunks = group.input_chunks
+        hs = HessianSum.zeros(chunks[0].shape[-1], device=chunks[0].device)
+        for x in chunks:  # one chunk, or one per sample length (rows of a dataset)
+            for i in range(x.shape[0]):
+                hs.add(x[i])
         group.hessian = hs
 
 
