@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FALLBACK_TEXT, make_tiny_llama, train_tiny_tokenizer
+from helpers import FALLBACK_TEXT, make_tiny_llama, train_tiny_tokenizer, with_chat_template
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -68,3 +68,16 @@ def tiny_llama3_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
     """The tiny Llama with 3 decoder layers: a crash after layer 1 leaves work before and after."""
     out = tmp_path_factory.mktemp("tiny_llama3")
     return make_tiny_llama(out, tiny_tokenizer_dir, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """The tiny Llama whose tokenizer has a ChatML-style chat template."""
+    return with_chat_template(tiny_llama_dir, tmp_path_factory.mktemp("tiny_chat_llama"))
+
+
+@pytest.fixture(scope="session")
+def chat_source_text() -> str:
+    """Text to cut conversations from: the shared validation split, or the built-in text."""
+    path = SHARED_DATA_DIR / "wikitext2-valid.txt"
+    return path.read_text(encoding="utf-8") if path.is_file() else FALLBACK_TEXT

@@ -152,3 +152,53 @@ def run_until(procs: list[Any], deadline_s: float) -> tuple[list[int | None], fl
         if p.is_alive():
             p.kill()
     return codes, elapsed
+
+
+# A chat template in the style of SmolLM2's (ChatML), for the tiny tokenizer.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+def render_chat_by_hand(messages: list[dict[str, str]]) -> str:
+    """What :data:`CHAT_TEMPLATE` renders, written out in Python."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+def chat_rows(text: str, n: int) -> list[dict[str, Any]]:
+    """``n`` conversations cut from the paragraphs of ``text``, of varied lengths.
+
+    The user asks about a paragraph's first sentence and the assistant answers with
+    (part of) the rest: a question/answer set built from WikiText, no download.
+    """
+    paragraphs = [
+        p.strip()
+        for p in text.lstrip("\ufeff").split("\n")
+        if len(p.strip()) > 200 and not p.strip().startswith("=")
+    ]
+    rows: list[dict[str, Any]] = []
+    for i, p in enumerate(paragraphs[:n]):
+        first, _, rest = p.partition(" . ")
+        answer = rest[: 60 + 53 * (i % 9)] or first
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What follows from: {first} ?"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
+    assert len(rows) == n, f"the text has only {len(rows)} long paragraphs"
+    return rows
+
+
+def with_chat_template(model_dir: Path, out_dir: Path) -> Path:
+    """A copy of ``model_dir`` whose tokenizer has :data:`CHAT_TEMPLATE`."""
+    import json
+
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    config = out_dir / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["chat_template"] = CHAT_TEMPLATE
+    config.write_text(json.dumps(data, indent=2))
+    return out_dir

@@ -271,11 +271,19 @@ class LayerLoop:
         """The layer's forward over this rank's samples; each group's hooks at its first call.
 
         Samples of one length (a ``[n, seq, h]`` tensor) take one forward; samples of
-        several lengths (:class:`Chunks`) take :meth:`_forward_chunks`.
+        several lengths (:class:`Chunks`), or more tokens than ``runtime.max_forward_tokens``,
+        take :meth:`_forward_chunks` over chunks of at most that many tokens.
         """
         assert layer.inputs is not None
+        cap = layer.state.recipe.runtime.max_forward_tokens
         if isinstance(layer.inputs, Chunks):
-            self._forward_chunks(layer, layer.inputs, timer)
+            self._forward_chunks(layer, layer.inputs.split(cap), timer)
+            return
+        if cap is not None and layer.inputs.shape[0] * layer.inputs.shape[1] > cap:
+            whole = Chunks([layer.inputs], [layer.kwargs])
+            self._forward_chunks(layer, whole.split(cap), timer)
+            assert isinstance(layer.outputs, Chunks)
+            layer.outputs = torch.cat(layer.outputs.parts)  # one length: a tensor again
             return
         groups = self._groups(layer)
         group_of = {layer.targets[n]: gi for gi, g in enumerate(groups) for n in g}

@@ -304,6 +304,14 @@ class ResumePoints:
         m = self.manifest
         if m is None:
             return 0, None
+        data = state.calibration_info.get("fingerprint")
+        if m.get("data_fingerprint") != data:
+            raise ResumeError(
+                f"cannot resume from {self.dir}: the calibration data differs from the data that "
+                f"wrote it (fingerprint {str(m.get('data_fingerprint'))[:12]}, now "
+                f"{str(data)[:12]}: other rows or tokens under the same settings); restore that "
+                "data, or pass overwrite=true to start over"
+            )
         if m["num_layers"] != n_layers:
             raise ResumeError(
                 f"cannot resume from {self.dir}: it covers a model of {m['num_layers']} layers, "
@@ -366,6 +374,8 @@ class ResumePoints:
                 "recipe_hash": self.hash,
                 "recipe": self.current,
                 "world_size": ctx.world_size,
+                # The calibration samples' fingerprint: resuming on other data is refused.
+                "data_fingerprint": state.calibration_info.get("fingerprint"),
                 "layers_done": done,
                 "num_layers": n_layers,
                 "layers": files,

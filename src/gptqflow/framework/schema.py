@@ -191,6 +191,14 @@ class RuntimeGroup(_Group):
         description="Layer progress bar on rank 0 when stderr is a terminal (layers done, "
         "seconds per layer, tokens per second).",
     )
+    max_forward_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens one decoder-layer forward takes (whole samples, at least one): "
+        "a rank's samples are run in chunks of at most this many tokens, with the same result; "
+        "null = all of a rank's samples of one length at once.",
+        json_schema_extra={"unit": "tokens"},
+    )
     timeout_s: float = Field(
         600.0,
         gt=0,

@@ -153,6 +153,10 @@ def _open_file(p: Path, split: str) -> Any:
             return ds.Dataset.from_file(str(p))
         return ds.load_dataset(builder, data_files=str(p), split="train")
     except Exception as exc:  # pyarrow/json errors of many types
+        if "corresponds to no data" in str(exc):
+            raise GptqflowError(
+                f"the calibration dataset ({p}, split 'train') has no rows"
+            ) from None
         raise GptqflowError(
             f"dataset.path={str(p)!r}: datasets cannot read it as {builder} "
             f"({type(exc).__name__}: {_first_line(exc)})"
