@@ -82,7 +82,9 @@ def sources(rows: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
 
 def one_rank(source: str, tok: Any, **kw: Any) -> Any:
     ds, where = open_source(source, kw.pop("split", "train"))
-    return calibration_set(ds, tok, settings(**kw), 0, even(kw.get("num_samples", 8), 1), source=where)
+    return calibration_set(
+        ds, tok, settings(**kw), 0, even(kw.get("num_samples", 8), 1), source=where
+    )
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "arrow", "saved", "dict"])
@@ -152,7 +154,9 @@ def test_rank_slices_partition_the_one_rank_samples(
     info = parts[0].info
     assert all(p.info == info for p in parts), "every rank computes the same split"
     assert [r["samples"] for r in info["ranks"]] == [len(p.samples) for p in parts]
-    assert [r["tokens"] for r in info["ranks"]] == [sum(s.numel() for s in p.samples) for p in parts]
+    assert [r["tokens"] for r in info["ranks"]] == [
+        sum(s.numel() for s in p.samples) for p in parts
+    ]
     assert info["fingerprint"] == ref.info["fingerprint"]
 
 
@@ -205,7 +209,9 @@ def test_empty_split_is_refused(tmp_path: Path, tok: Any) -> None:
 def test_missing_column_names_the_columns(tmp_path: Path, tok: Any) -> None:
     f = tmp_path / "q.jsonl"
     f.write_text('{"question": "a", "answer": "b"}\n' * 10)
-    with pytest.raises(GptqflowError, match=r"neither a messages column.*columns: question, answer"):
+    with pytest.raises(
+        GptqflowError, match=r"neither a messages column.*columns: question, answer"
+    ):
         one_rank(str(f), tok)
 
 
@@ -221,7 +227,11 @@ def test_missing_column_names_the_columns(tmp_path: Path, tok: Any) -> None:
 def test_malformed_rows_name_row_and_column(
     row: dict[str, Any], match: str, tmp_path: Path, tok: Any
 ) -> None:
-    good = {"text": "fine text"} if "text" in row else {"messages": [{"role": "user", "content": "hi"}]}
+    good = (
+        {"text": "fine text"}
+        if "text" in row
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
     # Arrow cannot hold most of these mixed columns: rows as Python objects, checked one by one.
     ds = _ListDataset([good] * 9 + [row])
     with pytest.raises(GptqflowError, match=match):
@@ -251,7 +261,9 @@ def test_malformed_messages_in_a_jsonl_file(tmp_path: Path, tok: Any) -> None:
         one_rank(str(f), tok, num_samples=10)
 
 
-def test_tokenizer_without_chat_template_is_refused(sources: dict[str, str], tiny_llama_dir: Path) -> None:
+def test_tokenizer_without_chat_template_is_refused(
+    sources: dict[str, str], tiny_llama_dir: Path
+) -> None:
     plain = load_tokenizer(tiny_llama_dir)
     with pytest.raises(GptqflowError, match="has no chat template"):
         one_rank(sources["jsonl"], plain)
