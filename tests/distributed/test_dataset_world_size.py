@@ -7,13 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from gptqflow.framework.compose import compose_recipe
-from helpers import chat_rows, free_port
-from test_world_size import _rank_main
+from helpers import chat_rows, free_port, set_rank_env
 
 CHECKPOINT = "checkpoint/model.safetensors"
+
+
+def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
+    set_rank_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    from gptqflow.framework.api import execute
+
+    execute(resolved)
 
 
 def run_at(world_size: int, model: Path, data: Path, out: Path, *extra: str) -> dict[str, Any]:
