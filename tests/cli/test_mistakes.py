@@ -42,7 +42,7 @@ def _nothing_written(work: Path) -> None:
             [
                 "dataset.num_sample=32: unknown key",
                 "did you mean 'num_samples'?",
-                "calibration_file, eval_file, num_samples, seq_len, eval_tokens, seed",
+                "calibration_file, path, split, text_column, messages_column, packing, eval_file, num_samples",
             ],
             id="unknown-key",
         ),

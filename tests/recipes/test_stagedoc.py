@@ -96,10 +96,8 @@ def test_reference_lists_every_stage_and_key_with_default_and_unit() -> None:
         assert text.count(f"\n{spec.name}  (runs ") + text.startswith(f"{spec.name}  (") == 1
         for f in field_docs(spec.config_cls):
             assert f"| `{f.name}` |" in md, (spec.name, f.name)
-    assert (
-        "| `dataset.seq_len` | int | `512` | tokens | Tokens per calibration sequence / eval window. |"
-        in md
-    )
+    assert "| `dataset.seq_len` | int | `512` | tokens | Tokens per calibration sequence (" in md
+    assert "| `dataset.path` | str \\| null | `null` |  |" in md
     assert "| `scheme.group_size` | -1 \\| 32 \\| 64 \\| 128 \\| 256 | `128` | columns |" in md
     assert '    targets: list of str = ["re:.*"]  Linear modules' in text
     assert "    timeout_s: float = 600.0 [seconds]  " in text

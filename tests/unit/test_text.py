@@ -10,7 +10,7 @@ import torch
 
 from gptqflow.errors import GptqflowError
 from gptqflow.modeling.text import (
-    _seeded_sample,
+    seeded_sample,
     calibration_samples,
     calibration_windows,
     load_tokenizer,
@@ -148,14 +148,14 @@ def test_windows_reject_bad_sizes(num_samples: int, seq_len: int) -> None:
 
 
 @pytest.mark.parametrize(("population", "k"), [(1, 1), (5, 5), (10, 3), (10_000_000, 50)])
-def test_seeded_sample_distinct_in_range(population: int, k: int) -> None:
+def testseeded_sample_distinct_in_range(population: int, k: int) -> None:
     for seed in range(5):
-        got = _seeded_sample(population, k, seed)
+        got = seeded_sample(population, k, seed)
         assert len(set(got)) == k and all(0 <= x < population for x in got)
 
 
-def test_seeded_sample_covers_population() -> None:
-    seen = {x for seed in range(200) for x in _seeded_sample(20, 2, seed)}
+def testseeded_sample_covers_population() -> None:
+    seen = {x for seed in range(200) for x in seeded_sample(20, 2, seed)}
     assert seen == set(range(20))
 
 
