@@ -10,11 +10,11 @@ import torch
 
 from gptqflow.errors import GptqflowError
 from gptqflow.modeling.text import (
-    seeded_sample,
     calibration_samples,
     calibration_windows,
     load_tokenizer,
     read_text,
+    seeded_sample,
     tokenize_text,
     windows_to_tensor,
 )
