@@ -247,6 +247,10 @@ def make_workspace(root: Path, tiny_model: Path) -> tuple[Path, dict[str, str]]:
         eval_file=str(data / "wikitext2-test.txt"),
     )
     option.write_text(yaml.safe_dump(dataset, sort_keys=False))
+    local = work / "recipes" / "dataset" / "local.yaml"  # dataset=local: the same sizes
+    rows = yaml.safe_load(local.read_text())
+    rows.update(DOC_DATASET, eval_file=str(data / "wikitext2-test.txt"))
+    local.write_text(yaml.safe_dump(rows, sort_keys=False))
     env = {
         **os.environ,
         "GPTQFLOW_RECIPES": str(work / "recipes"),
@@ -296,9 +300,9 @@ def test_run_block_reports_the_failing_block(tmp_path: Path) -> None:
     [p for p in doc_files() if _runnable(p)],
     ids=lambda p: str(p.relative_to(REPO)),
 )
-def test_doc_commands_run(path: Path, tmp_path: Path, tiny_llama_dir: Path) -> None:
+def test_doc_commands_run(path: Path, tmp_path: Path, tiny_chat_llama_dir: Path) -> None:
     """Every ``test: run`` block of one document, in order, in one workspace."""
-    work, env = make_workspace(tmp_path, tiny_llama_dir)
+    work, env = make_workspace(tmp_path, tiny_chat_llama_dir)  # a chat template for data.md
     for block in _runnable(path):
         failure = run_block(block, work, env)
         assert failure is None, failure
