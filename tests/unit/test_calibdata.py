@@ -306,3 +306,43 @@ def _read_error(p: Path) -> str:
 def test_fingerprint_depends_on_tokens_and_boundaries() -> None:
     assert fingerprint([[1, 2], [3]]) != fingerprint([[1], [2, 3]])
     assert fingerprint([[1, 2], [3]]) == fingerprint([torch.tensor([1, 2]), torch.tensor([3])])
+
+
+def test_dataset_name_resolves_from_the_local_hub_cache(
+    rows: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """A repository in ``$HF_HOME/hub`` (as ``snapshot_download`` leaves it), read offline.
+
+    In a child process: ``HF_HOME`` is read when ``huggingface_hub`` is imported.
+    """
+    import os
+    import subprocess
+    import sys
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "datasets--someone--chat"
+    (repo / "snapshots" / sha / "data").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    (repo / "snapshots" / sha / "data" / "train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    code = (
+        "from gptqflow.modeling.calibdata import open_source\n"
+        "ds, src = open_source('someone/chat', 'train')\n"
+        "print(len(ds), src['kind'], ds.column_names)\n"
+        "try:\n"
+        "    open_source('someone/absent', 'train')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, 'never downloads' in str(e))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_DATASETS_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == [
+        f"{N_ROWS} hf-cache ['messages']",
+        "GptqflowError True",
+    ]

@@ -178,7 +178,21 @@ def _open_dir(p: Path, split: str) -> Any:
 
 
 def _open_cached(name: str, split: str) -> Any:
+    """A dataset repository from the local Hugging Face cache, never from the network.
+
+    First the hub cache (``$HF_HOME/hub``, where ``snapshot_download`` keeps a repository's
+    files): its newest snapshot is read as a directory of data files. Then the
+    ``datasets`` cache of a repository that ``load_dataset`` prepared before.
+    """
     ds = _datasets()
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(name, repo_type="dataset", local_files_only=True)
+    except Exception:  # not in the hub cache: try the datasets cache
+        snapshot = None
+    if snapshot is not None:
+        return _open_dir(Path(snapshot), split)
     try:
         loaded = ds.load_dataset(name)
     except Exception as exc:  # offline: ConnectionError, FileNotFoundError, ValueError ...
