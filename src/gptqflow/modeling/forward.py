@@ -12,7 +12,7 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,18 @@ torch.serialization.add_safe_globals([Chunks])
 def _layer_kwargs(kw: Mapping[str, Any]) -> dict[str, Any]:
     skip = ("hidden_states", "past_key_values", "past_key_value", "use_cache")
     return {k: v for k, v in kw.items() if k not in skip}
+
+
+@overload
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, samples: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+@overload
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, samples: torch.Tensor | Sequence[torch.Tensor]
+) -> tuple[torch.Tensor | Chunks, dict[str, Any]]: ...
 
 
 def capture_layer_inputs(
