@@ -153,3 +153,18 @@ def test_resume_with_rows_is_identical_and_refuses_other_data(
     data.write_text("".join(json.dumps({"text": t + " more"}) + "\n" for t in texts))
     with pytest.raises(ResumeError, match="the calibration data differs"):
         run(tiny_llama3_dir, changed, *args, "runtime.resume=true")
+
+
+def test_text_route_micro_batches_give_the_same_checkpoint(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """One sample per forward (the chunked path) writes the bytes of the single forward."""
+    run(tiny_llama_dir, tmp_path / "one", "dataset.num_samples=4", "dataset.seq_len=64")
+    run(
+        tiny_llama_dir,
+        tmp_path / "cap",
+        "dataset.num_samples=4",
+        "dataset.seq_len=64",
+        "runtime.max_forward_tokens=64",
+    )
+    assert (tmp_path / "cap" / WEIGHTS).read_bytes() == (tmp_path / "one" / WEIGHTS).read_bytes()
