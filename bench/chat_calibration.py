@@ -18,6 +18,7 @@ checkpoints (and the float model), all on the first ``--eval-tokens`` tokens in
 
 Run (a shared 2-core CPU: about 15-25 minutes with one thread):
     python bench/chat_calibration.py --threads 1 --json bench-chat.json
+    python bench/chat_calibration.py --threads 1 --routes chat --chat-samples 74 --skip-float
     python bench/chat_calibration.py --threads 1 --num-samples 8 --eval-tokens 4096  # smoke
 """
 
@@ -110,6 +111,15 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=40960)
+    ap.add_argument(
+        "--chat-samples",
+        type=int,
+        default=None,
+        help="rows of the chat route (default: --num-samples); e.g. as many as match the text "
+        "route's tokens",
+    )
+    ap.add_argument("--routes", default="text,chat", help="comma-separated: text, chat")
+    ap.add_argument("--skip-float", action="store_true", help="do not evaluate the float model")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -119,7 +129,6 @@ def main() -> None:
     chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ood = ood_text(work)
     common = [
-        f"dataset.num_samples={args.num_samples}",
         f"dataset.seq_len={args.seq_len}",
         "dataset.eval_tokens=0",  # perplexities below, the same way for every model
         f"runtime.num_threads={args.threads}",
@@ -127,14 +136,17 @@ def main() -> None:
         "~stages.baseline",
         "~stages.quantized",
     ]
-    routes = {
-        "text": [],
-        "chat": ["dataset=local", f"dataset.path={chat}"],
+    chat_samples = args.chat_samples or args.num_samples
+    every = {
+        "text": [f"dataset.num_samples={args.num_samples}"],
+        "chat": ["dataset=local", f"dataset.path={chat}", f"dataset.num_samples={chat_samples}"],
     }
+    routes = {name: every[name] for name in args.routes.split(",")}
     result: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "threads": args.threads,
         "num_samples": args.num_samples,
+        "chat_samples": chat_samples,
         "seq_len": args.seq_len,
         "eval_tokens": args.eval_tokens,
         "chat_rows": len(rows),
@@ -142,11 +154,12 @@ def main() -> None:
         "runs": {},
     }
     wiki_test = SHARED / "wikitext2-test.txt"
-    result["float"] = {
-        "wikitext2_test": perplexity(MODEL_DIR, wiki_test, args, env),
-        "ood": perplexity(MODEL_DIR, ood, args, env),
-    }
-    print(json.dumps(result["float"]), flush=True)
+    if not args.skip_float:
+        result["float"] = {
+            "wikitext2_test": perplexity(MODEL_DIR, wiki_test, args, env),
+            "ood": perplexity(MODEL_DIR, ood, args, env),
+        }
+        print(json.dumps(result["float"]), flush=True)
     for name, extra in routes.items():
         out = work / name
         cmd = [
