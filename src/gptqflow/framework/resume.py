@@ -65,7 +65,14 @@ AUTO_POINTS = 8
 # Settings that cannot change the checkpoint: a resumed run may change them.
 # (The world size is compared on its own, with its own message.)
 _NEUTRAL_TOP = ("output_dir", "overwrite")
-_NEUTRAL_RUNTIME = ("resume", "checkpoint_every", "progress", "timeout_s", "nproc_per_node")
+_NEUTRAL_RUNTIME = (
+    "resume",
+    "checkpoint_every",
+    "progress",
+    "timeout_s",
+    "nproc_per_node",
+    "max_forward_tokens",  # the same result in any chunking
+)
 
 
 #: Hands a finished layer's saved pieces (by stage id) back to its stages.
