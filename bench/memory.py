@@ -139,8 +139,14 @@ def main() -> None:
                             "peak_rss_bytes": peaks,
                             "sum_bytes": sum(peaks),
                             "seconds": report["seconds"],
+                            # each rank's peak RSS per stage id: which moment is the peak
+                            "stage_peaks": [
+                                {k: v["peak_rss_bytes"] for k, v in r["stages"].items()}
+                                for r in report["ranks"]
+                            ],
                         }
                     )
+                    print(table(rows[-1:], args).splitlines()[-1], flush=True)
                     shutil.rmtree(scratch / f"run-{layers}-{mode}-{world}", ignore_errors=True)
             shutil.rmtree(model, ignore_errors=True)
     finally:

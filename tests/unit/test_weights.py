@@ -131,7 +131,7 @@ def test_planned_layout_is_the_one_safetensors_writes(tmp_path: Path) -> None:
     give save_file's bytes: the checkpoint needs nothing of a layer after writing it."""
     from safetensors.torch import save_file
 
-    from gptqflow.modeling.streaming import _raw_bytes, _Shard, _Spec
+    from gptqflow.modeling.streaming import _raw_view, _Shard, _Spec
 
     gen = torch.Generator().manual_seed(0)
     tensors = {
@@ -150,6 +150,6 @@ def test_planned_layout_is_the_one_safetensors_writes(tmp_path: Path) -> None:
     data.extend(b"\0" * (shard.size - len(data)))
     for key in reversed(list(tensors)):
         start = shard.data_start + shard.offsets[key]
-        raw = _raw_bytes(tensors[key])
+        raw = bytes(_raw_view(tensors[key]))
         data[start : start + len(raw)] = raw
     assert bytes(data) == (tmp_path / "ref.safetensors").read_bytes()

@@ -319,7 +319,7 @@ class StreamingCheckpoint:
             with open(self.tmp / file, "r+b") as f:
                 for key in sorted(keys, key=lambda k: shard.offsets[k]):
                     f.seek(shard.data_start + shard.offsets[key])
-                    f.write(_raw_bytes(tensors[key]))
+                    f.write(_raw_view(tensors[key]))
         self.written.update(tensors)
 
     # -------------------------------------------------------------- the end
@@ -466,7 +466,7 @@ def _read(files: dict[str, Path], key: str) -> torch.Tensor:
         return f.get_tensor(key).clone()
 
 
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's little-endian bytes, as safetensors stores them."""
+def _raw_view(t: torch.Tensor) -> memoryview:
+    """A tensor's little-endian bytes as safetensors stores them, without copying them."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")

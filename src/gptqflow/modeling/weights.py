@@ -50,7 +50,7 @@ class TensorFiles:
         return key in self.where
 
     def read(self, keys: Iterable[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The tensors ``keys``, each file opened once and closed (its mapping released)."""
+        """The tensors ``keys`` (each file opened once); no copy unless ``dtype`` casts."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.where[key], []).append(key)
@@ -58,10 +58,11 @@ class TensorFiles:
         for path, names in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for key in names:
+                    # A private mapping of the file: its pages are read when touched, and
+                    # the mapping goes when the tensor does (the layer's release).
                     t = f.get_tensor(key)
-                    # A copy that owns its memory: nothing may keep the file mapping alive.
                     cast = dtype is not None and t.is_floating_point() and t.dtype != dtype
-                    out[key] = t.to(dtype) if cast else t.clone()
+                    out[key] = t.to(dtype) if cast else t
         return out
 
 
