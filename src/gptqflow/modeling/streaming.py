@@ -29,7 +29,7 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,16 +323,29 @@ class StreamingCheckpoint:
         self.written.update(tensors)
 
     # -------------------------------------------------------------- the end
-    def finish(self, model: Any, tokenizer: Any = None) -> Path:
-        """The rest of the model, config and tokenizer; the directory renamed into place."""
+    def finish(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        fetch: Callable[[str], torch.Tensor] | None = None,
+    ) -> Path:
+        """The rest of the model, config and tokenizer; the directory renamed into place.
+
+        ``fetch(name)`` gives a tensor outside the layers when the model does not hold
+        it (streamed weights): each is read, written and dropped in turn, so the
+        embeddings and the head are never in memory together.
+        """
         if not self.writer:
             self.finished = True
             return self.out_dir
         try:
             self._check_coverage(model)
-            rest = self._outside_layers(model)
-            _check_finite(rest)
-            self._write(rest)
+            for name, value in self._outside_layers(model, move=False).items():
+                tensor = fetch(name) if value.is_meta and fetch is not None else value
+                one = {name: tensor.detach().to("cpu").contiguous()}
+                _check_finite(one)
+                self._write(one)
+                del tensor, one
             unwritten = sorted(set(self.where) - self.written)
             if unwritten:
                 raise GptqflowError(

@@ -180,6 +180,10 @@ class WeightStore:
         names += [n for n, _ in self.model.named_buffers()]
         return [n for n in names if not n.startswith(inside) and n in self.files]
 
+    def read_outside(self, name: str) -> torch.Tensor:
+        """One tensor outside the decoder layers, read from the files (not kept)."""
+        return self.files.read([name], self.dtype)[name]
+
     @contextmanager
     def outside(self) -> Iterator[None]:
         """The tensors outside the decoder layers (embeddings, final norm, head) in memory.

@@ -27,7 +27,6 @@ stages:
 from __future__ import annotations
 
 import errno
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,8 +130,12 @@ class SaveStage(Stage):
         self._drop_written(state)
         error: BaseException | None = None
         try:
-            with state.weights.outside() if state.weights and ctx.is_main else nullcontext():
-                writer.finish(state.model, tokenizer=state.tokenizer)
+            store = state.weights
+            writer.finish(
+                state.model,
+                tokenizer=state.tokenizer,
+                fetch=None if store is None else store.read_outside,
+            )
         except OSError as exc:  # the writer has already removed its temporary directory
             error = GptqflowError(_write_failed(writer.out_dir, exc))
         except BaseException as exc:
