@@ -4,7 +4,9 @@ Every problem is collected (not just the first), each with its file, key path, t
 bad value and what is allowed. Three kinds of YAML file are recognised:
 
 * a config-group option (``<recipes>/scheme/w4a16.yaml`` ...): checked against its
-  group's schema;
+  group's schema; an option of a group that places its keys elsewhere
+  (``# @package _global_``, e.g. ``<recipes>/method/gptaq.yaml``, which changes
+  ``stages``) is checked by composing the default recipe with it (``method=gptaq``);
 * a top-level recipe with a ``defaults:`` list: composed with Hydra from its own
   directory, then validated like ``gptqflow run`` would;
 * a standalone, already composed recipe (e.g. a run's ``recipe.yaml``): validated.
@@ -28,7 +30,7 @@ from omegaconf import OmegaConf
 from pydantic import ValidationError
 
 from gptqflow.errors import GptqflowError
-from gptqflow.framework.compose import register_resolvers, to_plain
+from gptqflow.framework.compose import DEFAULT_RECIPE, register_resolvers, to_plain
 from gptqflow.framework.preflight import model_problems
 from gptqflow.framework.schema import (
     GROUPS,
@@ -90,6 +92,10 @@ def lint_file(path: Path) -> list[Problem]:
     elif "defaults" in data:
         problems = _lint_composed(path)
         sources = _composition_sources(path)
+    elif (default := path.parent.parent / f"{DEFAULT_RECIPE}.yaml").is_file():
+        # An option of a group without a schema of its own (``@package _global_``).
+        problems = _lint_composed(default, [f"{group}={path.stem}"])
+        sources = SourceMap.single(path, path.read_text())
     else:
         problems = _lint_resolved(path, data)
         sources = SourceMap.single(path, path.read_text())
@@ -167,12 +173,15 @@ def _lint_group_option(path: Path, group: str, data: dict[str, Any]) -> list[Pro
     return []
 
 
-def _lint_composed(path: Path) -> list[Problem]:
+def _lint_composed(path: Path, overrides: list[str] | None = None) -> list[Problem]:
     from hydra import compose, initialize_config_dir
 
     try:
         with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base="1.3"):
-            cfg = compose(config_name=path.stem, overrides=["output_dir=lint-placeholder"])
+            cfg = compose(
+                config_name=path.stem,
+                overrides=["output_dir=lint-placeholder", *(overrides or [])],
+            )
         # Values the user must give on the command line (``???``) are not errors here.
         for group in GROUPS:
             node = cfg.get(group)

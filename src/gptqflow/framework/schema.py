@@ -127,8 +127,11 @@ class SchemeGroup(_Group):
     actorder: ActOrderName = Field(
         "static", description="Activation order: none | static | group (g_idx)."
     )
-    observer: Literal["minmax", "mse"] = Field(
-        "mse", description="Group range: min-max, or the range with the least error (mse)."
+    observer: Literal["minmax", "mse", "hessian"] = Field(
+        "mse",
+        description="Group range: min-max, the range with the least weight error (mse), or "
+        "the one with the least activation-weighted error (hessian: needs the group's "
+        "Hessian, so calibration, with every solve method).",
     )
     on_failure: Literal["error", "rtn"] = Field(
         "error",

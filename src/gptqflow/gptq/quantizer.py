@@ -25,6 +25,7 @@ __all__ = [
     "compute_qparams",
     "dequantize",
     "effective_group_size",
+    "grouped_importance",
     "quantization_loss",
     "quantize",
     "round_to_grid",
@@ -99,7 +100,10 @@ def _storage_round(scale: torch.Tensor, storage_dtype: torch.dtype) -> torch.Ten
 
 
 def compute_qparams(
-    w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype | None = None
+    w: torch.Tensor,
+    args: QuantArgs,
+    scale_dtype: torch.dtype | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of ``w`` (shape ``[rows, k]``).
 
@@ -113,19 +117,30 @@ def compute_qparams(
     ``linspace(1, mse_maxshrink, mse_grid)`` that minimises ``Σ|w - q(w)|^mse_norm``
     for the row: clipping a few outliers buys a finer grid for all other weights,
     which lowers the error at 4 bits and below (the GPTQ reference's ``--mse``).
+    ``observer="hessian"``: the same candidate ranges, scored by the activation-weighted
+    error ``Σ_j importance_j (w_j - q(w_j))²``; ``importance`` (non-negative, broadcast
+    against ``w``: ``[k]`` or ``[rows, k]``) is how much an error in each column costs
+    the layer's output (a Hessian diagonal, see :func:`column_importance`). Required
+    for, and only read by, that observer.
     """
+    if args.observer == "hessian" and importance is None:
+        raise ValueError("observer 'hessian' needs the columns' importance (a Hessian diagonal)")
     storage = scale_dtype if scale_dtype is not None else w.dtype
     wf = w.to(work_dtype(w.dtype))
     lo = wf.amin(dim=1, keepdim=True).clamp(max=0)
     hi = wf.amax(dim=1, keepdim=True).clamp(min=0)
     if args.observer == "minmax":
         return _range_qparams(lo, hi, args, storage)
+    weights = None
+    if args.observer == "hessian":
+        assert importance is not None
+        weights = importance.to(device=wf.device, dtype=wf.dtype)
     best_scale, best_zp = _range_qparams(lo, hi, args, storage)
-    best_err = _grid_error(wf, best_scale, best_zp, args)
+    best_err = _grid_error(wf, best_scale, best_zp, args, weights)
     for i in range(1, args.mse_grid):
         shrink = 1.0 - (1.0 - args.mse_maxshrink) * i / max(args.mse_grid - 1, 1)
         scale, zp = _range_qparams(lo * shrink, hi * shrink, args, storage)
-        err = _grid_error(wf, scale, zp, args)
+        err = _grid_error(wf, scale, zp, args, weights)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -152,9 +167,16 @@ def _range_qparams(
 
 
 def _grid_error(
-    w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, args: QuantArgs
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    args: QuantArgs,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row ``Σ |w - dequant(quant(w))|^mse_norm`` ([rows, 1])."""
+    """Per-row ``Σ |w - dequant(quant(w))|^mse_norm`` ([rows, 1]).
+
+    With ``weights`` (the hessian observer): ``Σ weights · (w - dequant(quant(w)))²``.
+    """
     zpf = zp.to(w.dtype)
     d = (
         torch.div(w, scale)
@@ -165,6 +187,8 @@ def _grid_error(
         .mul_(scale)
         .sub_(w)
     )
+    if weights is not None:
+        return d.square_().mul_(weights).sum(dim=1, keepdim=True)
     d = d.square_() if args.mse_norm == 2.0 else d.abs_().pow_(args.mse_norm)
     return d.sum(dim=1, keepdim=True)
 
@@ -214,6 +238,15 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> to
     return ((codes.to(dt) - zp.to(dt)) * scale.to(dt)).to(scale.dtype)
 
 
+def grouped_importance(importance: torch.Tensor, rows: int, group: int) -> torch.Tensor:
+    """Column importance ``[cols]`` laid out like a weight's groups ``[rows * n_groups, group]``.
+
+    The row order of ``weight.reshape(rows * n_groups, group)``: every weight row's
+    groups in turn, so group ``g`` of every row reads ``importance[g*group:(g+1)*group]``.
+    """
+    return importance.reshape(-1, group).repeat(rows, 1)
+
+
 def quantization_loss(
     weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Tensor | None
 ) -> float:
@@ -236,7 +269,8 @@ def rtn_quantize(
 
     Groups are consecutive runs of ``group_size`` input columns (``-1`` = per
     channel); ``actorder`` is irrelevant without error feedback, so ``g_idx`` is
-    always ``None``.  ``loss`` is reported only when a Hessian is given.
+    always ``None``.  ``loss`` is reported only when a Hessian is given; the
+    ``hessian`` observer needs it (each group's range is weighted by its diagonal).
     """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [rows, cols], got shape {tuple(weight.shape)}")
@@ -244,7 +278,12 @@ def rtn_quantize(
     group = effective_group_size(cols, args)
     n_groups = cols // group
     grouped = weight.detach().to(work_dtype(weight.dtype)).reshape(rows * n_groups, group)
-    scale, zp = compute_qparams(grouped, args, scale_dtype=weight.dtype)
+    importance = None
+    if args.observer == "hessian":
+        if hessian is None:
+            raise ValueError("observer 'hessian' needs the Hessian (its diagonal weighs the error)")
+        importance = grouped_importance(hessian.diagonal(), rows, group)
+    scale, zp = compute_qparams(grouped, args, scale_dtype=weight.dtype, importance=importance)
     codes = quantize(grouped, scale, zp, args).reshape(rows, cols)
     scale = scale.reshape(rows, n_groups).to(weight.dtype)
     zp = zp.reshape(rows, n_groups)

@@ -25,6 +25,13 @@ left-looking: a block of columns first receives the feedback of all earlier
 residuals as one matmul with a long inner dimension (``[b, i1] @ [i1, rows]``),
 then its columns are quantized one by one with rank-1 feedback inside the block.
 
+Hessian-aware ranges (``observer="hessian"``).  In this form the sweep's loss is
+``Σ_j R_jj² (w_j(at its turn) - q_j)²``: ``R_jj²`` is what an error in column ``j``
+costs once every later column has compensated for it as well as it can (the Schur
+complement of the later columns in ``H``). So that is the importance a group's range
+search weighs each column's error with (for static groups, from the original
+weights up front; for dynamic ones, from the columns as the sweep leaves them).
+
 Notation: the sweep visits columns in *sweep order* (activation order when
 ``actorder != "none"``); everything returned is in the original column order.
 The sweep works on the transposed weight (``[cols, rows]``) so that the column
@@ -53,6 +60,7 @@ from gptqflow.gptq.quantizer import (
     compute_qparams,
     dequantize,
     effective_group_size,
+    grouped_importance,
     quantization_loss,
     round_to_grid,
 )
@@ -253,7 +261,11 @@ def _plan_grid(
     if n_groups == 1 or args.actorder == "static":
         # Per channel, or static groups: qparams from the original weights, up front.
         grouped = work.reshape(rows * n_groups, group)
-        scale, zp = compute_qparams(grouped, args, scale_dtype=storage)
+        importance = None
+        if args.observer == "hessian":
+            original_diag = factor.diag if perm is None else factor.diag[torch.argsort(perm)]
+            importance = grouped_importance(original_diag.square(), rows, group)
+        scale, zp = compute_qparams(grouped, args, scale_dtype=storage, importance=importance)
         fixed = (scale.reshape(rows, n_groups), zp.reshape(rows, n_groups))
         sweep = original if perm is None else original[perm]
         return _Grid(sweep.tolist(), n_groups, fixed, 0, None)
@@ -420,8 +432,12 @@ def _sweep_block(
     for k in range(bs):
         j = i1 + k
         if size and j % size == 0:
-            current = _current_columns(w_t, corr, factor, i1, j, min(j + size, cols))
-            scale, zp = compute_qparams(current.T, args, scale_dtype=storage)
+            end = min(j + size, cols)
+            current = _current_columns(w_t, corr, factor, i1, j, end)
+            importance = factor.diag[j:end].square() if args.observer == "hessian" else None
+            scale, zp = compute_qparams(
+                current.T, args, scale_dtype=storage, importance=importance
+            )
             scale_t[j // size] = scale[:, 0]
             zp_t[j // size] = zp[:, 0]
         g = grid.sweep_groups[j]

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 ActOrder = Literal["none", "static", "group"]
-Observer = Literal["minmax", "mse"]
+Observer = Literal["minmax", "mse", "hessian"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class QuantArgs:
     block_size: int = 128  # lazy-batch width of the GPTQ column sweep
     dampening: float = 0.01  # fraction of the mean Hessian diagonal added to it
     max_damp_retries: int = 6  # each retry multiplies the dampening by 10
-    observer: Observer = "minmax"  # how a group's range is chosen (mse: search shrunken ranges)
+    # How a group's range is chosen: min-max; mse: the shrunken range with the least
+    # Σ|w - q|^p; hessian: the one with the least Σ h_j (w_j - q_j)², h = column importance.
+    observer: Observer = "minmax"
     mse_grid: int = 20  # mse: candidate ranges, shrinking the min-max range down to mse_maxshrink
     mse_maxshrink: float = 0.8
     mse_norm: float = 2.0  # mse: error norm |w - q|^p (the GPTQ reference uses 2.4; 2 is cheaper)

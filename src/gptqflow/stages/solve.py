@@ -1,8 +1,14 @@
-"""``solve``: plan who solves which rows, then GPTQ (or round-to-nearest) this rank's slices.
+"""``solve``: plan who solves which rows, then GPTQ, GPTAQ or round-to-nearest this rank's slices.
 
 Reads the ``scheme`` group (bits, group size, symmetry, act-order, observer,
-``on_failure``). Requires: ``group.reduced_hessian`` (for ``method: gptq``, or
-``report_loss``); the group's float weights. Provides: ``group.plan`` (row slices per
+``on_failure``). Requires: ``group.reduced_hessian`` (for ``method: gptq`` or
+``gptaq``, ``report_loss``, or ``scheme.observer: hessian``); for ``method: gptaq``
+also ``group.reduced_cross`` (the ``float-path`` stage); the group's float weights.
+
+``gptaq`` (:mod:`gptqflow.gptq.gptaq`) solves against the float model's inputs: every
+rank with rows of a module computes the module's whole asymmetric target
+``W (I + alpha · D H⁻¹)`` (the same on every rank, bit for bit), then runs GPTQ's
+sweep on its rows of it, with the same factor and plan as GPTQ. Provides: ``group.plan`` (row slices per
 rank and whether the ranks share the factorisation: see :mod:`gptqflow.gptq.plan`) and
 ``group.results`` (this rank's slices). Collectives: none for a local factorisation;
 for a shared one, one asynchronous broadcast per factor panel, in which every rank
@@ -28,7 +34,8 @@ factorisation).
 ```yaml
 stages:
   solve:
-    method: gptq        # rtn: round to nearest (needs no Hessian, no calibration)
+    method: gptq        # gptaq: against the float model's inputs (needs float-path);
+                        # rtn: round to nearest (needs no Hessian, no calibration)
     dampening: 0.01
     block_size: 128
 ```
@@ -47,16 +54,18 @@ from pydantic import Field
 from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext, Handle
 from gptqflow.framework.registry import register_stage
-from gptqflow.framework.schema import Recipe
+from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun, LayerRun
 from gptqflow.gptq.cholesky import LOCAL, PanelExchange
 from gptqflow.gptq.cost import CostModel
+from gptqflow.gptq.gptaq import asymmetric_target, correction_matrix
 from gptqflow.gptq.numerics import count_nonfinite
 from gptqflow.gptq.plan import RowSlice, plan_solve, split_rows
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
 from gptqflow.gptq.types import QuantResult
+from gptqflow.stages.float_path import REDUCED_CROSS
 
 log = logging.getLogger("gptqflow")
 
@@ -96,7 +105,7 @@ class SolveStage(Stage):
 
     def plan(self, group: GroupRun, ctx: DistContext) -> None:
         """Who solves which rows: the cost planner for GPTQ, equal rows otherwise."""
-        if self.config.method == "gptq" and self.config.planner == "cost":
+        if self.config.method in SOLVERS and self.config.planner == "cost":
             solve = plan_solve(group.rows, group.cols, ctx.world_size, self.cost_model(ctx))
             group.plan, group.shared_factor = list(solve.slices), solve.shared_factor
         else:
@@ -114,7 +123,7 @@ class SolveStage(Stage):
         state = group.layer.state
         mine = [s for s in group.plan if s.rank == ctx.rank]
         check_finite_inputs(group)
-        gptq = self.config.method == "gptq"
+        gptq = self.config.method in SOLVERS
         exchange: PanelExchange = RankExchange(ctx) if group.shared_factor else LOCAL
         factor = None
         fallback: str | None = None
@@ -131,7 +140,11 @@ class SolveStage(Stage):
         # sweep: rows are independent given the factor (a slice of a solve is
         # bit-identical to solving it alone), and the per-column cost is paid once.
         w = torch.cat([group.weights[s.module].data[s.start : s.stop] for s in mine])
-        res = rtn_quantize(w, args) if factor is None else solve_rows(w, factor, args)
+        if factor is None:
+            hessian = group.reduced_hessian if args.observer == "hessian" else None
+            res = rtn_quantize(w, args, hessian)
+        else:
+            res = solve_rows(self._target(group, mine, w, factor.damp), factor, args)
         check_finite_result(group, mine, res)
         if fallback is not None:
             state.fallbacks += [
@@ -148,6 +161,22 @@ class SolveStage(Stage):
                 )
             group.results[(s.module, s.start)] = part
             offset += s.rows
+
+    def _target(self, group: GroupRun, mine: list[RowSlice], w: torch.Tensor, damp: float) -> torch.Tensor:
+        """The rows the sweep quantizes: the float weights (gptq) or GPTAQ's target.
+
+        GPTAQ's target is computed for each whole module (its rows depend only on
+        themselves, and every rank computes the same product), then sliced, so a
+        rank's rows do not depend on how many it holds.
+        """
+        if self.config.method != "gptaq":
+            return w
+        assert group.reduced_hessian is not None
+        corr = correction_matrix(
+            group.reduced_hessian, group.slots[REDUCED_CROSS], damp, self.config.alpha
+        )
+        targets = {m: asymmetric_target(group.weights[m].data, corr) for m in {s.module for s in mine}}
+        return torch.cat([targets[s.module][s.start : s.stop] for s in mine])
 
     def _cholesky_failed(self, group: GroupRun, exc: CholeskyError, ctx: DistContext) -> str:
         """Raise (``on_failure: error``) or return the reason for a round-to-nearest fallback."""
@@ -219,16 +248,29 @@ def _rows(res: QuantResult, start: int, stop: int) -> QuantResult:
     )
 
 
+#: The methods that solve with the Hessian's factor (the others round to nearest).
+SOLVERS = ("gptq", "gptaq")
+
+
 @register_stage("solve", SolveStage)
 class SolveConfig(StageConfig):
-    """Quantize each group's weights with the ``scheme`` group's settings: GPTQ, or RTN."""
+    """Quantize each group's weights with the ``scheme`` group's settings: GPTQ, GPTAQ or RTN."""
 
     stage: Literal["solve"] = "solve"
     PROVIDES = ("group.plan", "group.results")
-    method: Literal["gptq", "rtn"] = Field(
+    method: Literal["gptq", "gptaq", "rtn"] = Field(
         "gptq",
-        description="gptq (needs the group's reduced Hessian), or rtn (round-to-nearest "
-        "baseline: no Hessian, no calibration).",
+        description="gptq (needs the group's reduced Hessian); gptaq (GPTQ against the float "
+        "model's inputs: also needs group.reduced_cross from the float-path stage); or rtn "
+        "(round-to-nearest baseline: no Hessian, no calibration).",
+    )
+    alpha: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="gptaq: fraction of the asymmetric correction in the target "
+        "W (I + alpha·D H⁻¹) (0 = GPTQ, 1 = the exact least-squares target); read by gptaq only.",
+        json_schema_extra={"unit": "fraction"},
     )
     block_size: int = Field(
         128,
@@ -271,8 +313,28 @@ class SolveConfig(StageConfig):
     )
 
     def requires(self) -> frozenset[str]:
-        hessian = self.method == "gptq" or self.report_loss
-        return frozenset({"group.reduced_hessian"} if hessian else set())
+        hessian = self.method in SOLVERS or self.report_loss
+        needs = {"group.reduced_hessian"} if hessian else set()
+        if self.method == "gptaq":
+            needs.add(REDUCED_CROSS.name)
+        return frozenset(needs)
+
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        """The hessian observer weighs errors with the Hessian: a pipeline without one cannot."""
+        if recipe.scheme.observer != "hessian" or "group.reduced_hessian" in self.requires():
+            return []
+        here = next((i for i, c in enumerate(recipe.stages) if c is self), len(recipe.stages))
+        if any("group.reduced_hessian" in c.provides() for c in recipe.stages[:here]):
+            return []
+        return [
+            Problem(
+                "scheme.observer",
+                f"'hessian' weighs each group's error with the Hessian, but method "
+                f"{self.method!r} runs without one here (no earlier stage provides "
+                "group.reduced_hessian); use observer mse or minmax, or calibrate "
+                "(the calibrate and hessian-reduce stages before solve, e.g. method=gptq)",
+            )
+        ]
 
 
 class RankExchange:

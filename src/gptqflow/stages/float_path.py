@@ -1,0 +1,116 @@
+"""``float-path``: the float model's inputs next to the quantized ones, for GPTAQ.
+
+GPTAQ (``solve: {method: gptaq}``, :mod:`gptqflow.gptq.gptaq`) solves every group
+against the float model's inputs ``X̃`` as well as the quantized-path inputs ``X``
+the layer loop hands it. This stage keeps the float model's hidden states on this
+rank across layers (a run slot; at the first layer they are the loop's own inputs)
+and, in ``before_layer``, while the layer is still float, runs it over them: that
+records every target module's float input and gives the next layer's float hidden
+states. In ``on_group`` it accumulates ``D = Σ 2·(x̃ - x)ᵀx`` over this rank's
+samples and reduces it across ranks like the Hessian.
+
+Requires: ``layer.inputs``, ``group.inputs``. Provides: ``group.reduced_cross``
+(float64 ``D / tokens``, the same on every rank).
+Collectives: one asynchronous all-reduce of the sum and one of the token count per
+group. Cost: one more forward pass of each layer, and the float inputs of the
+layer's groups held while it runs.
+
+Sums are taken sample by sample (float32 product, float64 sum, one division at the
+end), and the float forward computes every Linear sample by sample, as the layer
+loop does, so 1 and N ranks produce the same statistic. The float hidden states are
+not kept in resume points (they exist on each rank only), so a run with this stage
+cannot continue from one: it says so and stops.
+
+```yaml
+stages:
+  float-path: {after: partition}   # before the layer stages that quantize
+  solve: {method: gptaq}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from gptqflow.errors import GptqflowError
+from gptqflow.framework.distributed import DistContext
+from gptqflow.framework.registry import register_stage
+from gptqflow.framework.stage import Stage, StageConfig
+from gptqflow.framework.state import GroupRun, LayerRun, Slot
+from gptqflow.gptq.gptaq import CrossSum
+from gptqflow.modeling.forward import per_sample_linears
+
+#: This rank's float-path hidden states entering the next layer ([n, seq, hidden]).
+FLOAT_HIDDEN: Slot[torch.Tensor] = Slot("float_hidden")
+#: The float-path input of every target module of the layer, by full module name.
+FLOAT_INPUTS: Slot[dict[str, torch.Tensor]] = Slot("layer.float_inputs")
+#: ``Σ 2·(x̃ - x)ᵀx / tokens`` over all ranks (float64, [cols, cols]).
+REDUCED_CROSS: Slot[torch.Tensor] = Slot("group.reduced_cross")
+
+
+class FloatPathStage(Stage):
+    config: FloatPathConfig
+
+    def before_layer(self, layer: LayerRun, ctx: DistContext) -> None:
+        state = layer.state
+        if FLOAT_HIDDEN in state.slots:
+            hidden = state.slots[FLOAT_HIDDEN]
+        elif layer.index == 0:
+            assert layer.inputs is not None, "contracts: float-path requires layer.inputs"
+            hidden = layer.inputs  # nothing is quantized yet: both paths start here
+        else:
+            raise GptqflowError(
+                f"stages.{self.config.id}: the run starts at layer {layer.index} (resumed), but "
+                "the float model's hidden states are not kept in resume points; rerun from the "
+                "start (runtime.resume=false, or a new output_dir)"
+            )
+        inputs: dict[str, torch.Tensor] = {}
+        handles = [
+            module.register_forward_pre_hook(_recorder(name, inputs))
+            for name, module in layer.targets.items()
+        ]
+        try:
+            with per_sample_linears(layer.module), torch.inference_mode():
+                out = layer.module(hidden, **layer.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        layer.slots[FLOAT_INPUTS] = inputs
+        state.slots[FLOAT_HIDDEN] = out[0] if isinstance(out, tuple) else out
+
+    def on_group(self, group: GroupRun, ctx: DistContext) -> None:
+        x = group.inputs
+        assert x is not None, "contracts: float-path requires group.inputs"
+        x_float = group.layer.slots[FLOAT_INPUTS][group.names[0]]
+        cross = CrossSum.zeros(x.shape[-1], device=x.device)
+        for i in range(x.shape[0]):
+            cross.add(x_float[i], x[i])
+        count = torch.tensor([cross.count], dtype=torch.float64, device=cross.sum.device)
+        total, h1 = ctx.all_reduce_sum(cross.sum)
+        tokens, h2 = ctx.all_reduce_sum(count)
+        h1.wait()
+        h2.wait()
+        summed = CrossSum(total.to(cross.sum.device), int(tokens.item()))
+        group.slots[REDUCED_CROSS] = summed.finalize()
+
+    def after_layer(self, layer: LayerRun, ctx: DistContext) -> None:
+        layer.slots[FLOAT_INPUTS] = {}  # free the layer's float inputs before the next one
+
+
+def _recorder(name: str, inputs: dict[str, torch.Tensor]) -> Any:
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        inputs.setdefault(name, args[0])
+
+    return hook
+
+
+@register_stage("float-path", FloatPathStage)
+class FloatPathConfig(StageConfig):
+    """The float model's inputs to each group next to the quantized ones (for GPTAQ)."""
+
+    stage: Literal["float-path"] = "float-path"
+    REQUIRES = ("layer.inputs", "group.inputs")
+    PROVIDES = (REDUCED_CROSS.name,)
