@@ -1,7 +1,9 @@
-"""Quality and speed of GPTQ vs round-to-nearest on SmolLM2-135M (float32), with a flop floor.
+"""Quality and speed of GPTQ, GPTAQ and round-to-nearest on SmolLM2-135M (float32), with a flop floor.
 
-Why: the benchmark reports perplexity of the float model, RTN and GPTQ at
-W4A16 and W3A16 (group 64), the wall seconds of every stage, the end-to-end
+Why: the benchmark reports perplexity of the float model, RTN, GPTQ and GPTAQ
+(``method=gptaq``), each with and without Hessian-aware group ranges
+(``scheme.observer=hessian``), at W4A16 and W3A16 (group 64), the wall seconds of
+every stage, the end-to-end
 quantization time and peak RSS, and compares the time with the floating-point work
 the quantization cannot avoid. The runs go through the project's own recipes and
 Python API (``gptqflow.compose`` + ``gptqflow.run``), so the numbers are the ones a
@@ -16,9 +18,14 @@ during the GPTQ W4 run; the other runs remove it from their composed recipe.
 stages. Stages are told apart by their kind in the resolved recipe (``stage:``), not
 by their ids, which are whatever the recipe names them.
 
-Run (full size is slow on a 2-core CPU: 4 quantizations and 5 perplexity runs):
+With ``--ood-file TEXT`` the float model and every W4 checkpoint are also evaluated
+(``gptqflow eval``) on the first ``--eval-tokens`` tokens of another text, calibrated
+on WikiText-2 as before: how each method holds up out of domain.
+
+Run (full size is slow on a 2-core CPU: 14 quantizations and their perplexity runs):
     python bench/quality.py --threads 2 --json bench-quality.json
-    python bench/quality.py --quick --threads 1          # smoke run, ~1-2 minutes
+    python bench/quality.py --runs gptq-w4,gptaq-w4,rtn-w4 --ood-file FILE   # a subset
+    python bench/quality.py --quick --threads 1          # smoke run, a few minutes
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -68,32 +76,44 @@ class Method:
     baseline: bool = False
 
 
+# RTN uses plain min-max ranges (the classic round-to-nearest baseline) or, with
+# calibration for the Hessian (method=gptq's stages, solve method rtn), the
+# Hessian-aware ones; GPTQ and GPTAQ the scheme's mse observer or the Hessian-aware one.
+_RTN = ("model=smollm2", f"scheme.group_size={GROUP_SIZE}")
+_HESSIAN = ("scheme.observer=hessian",)
+
+
+def _methods() -> tuple[Method, ...]:
+    out = []
+    for bits in (4, 3):
+        scheme = () if bits == 4 else (f"scheme=w{bits}a16",)
+        w = f"w{bits}"
+        out += [
+            Method(f"gptq-{w}", "GPTQ", bits, "smollm2_w4a16", scheme, baseline=bits == 4),
+            Method(
+                f"rtn-{w}", "RTN", bits, "rtn_w4a16", (*_RTN, *scheme, "scheme.observer=minmax")
+            ),
+            Method(
+                f"rtn-h-{w}",
+                "RTN",
+                bits,
+                "smollm2_w4a16",
+                (*scheme, *_HESSIAN, "stages.solve.method=rtn"),
+            ),
+            Method(f"gptq-h-{w}", "GPTQ", bits, "smollm2_w4a16", (*scheme, *_HESSIAN)),
+            Method(f"gptaq-{w}", "GPTAQ", bits, "smollm2_w4a16", (*scheme, "method=gptaq")),
+            Method(
+                f"gptaq-h-{w}", "GPTAQ", bits, "smollm2_w4a16", (*scheme, "method=gptaq", *_HESSIAN)
+            ),
+        ]
+    return tuple(out)
+
+
 # Run order: GPTQ W4 first, since it is the one run that keeps the baseline evaluate.
-METHODS = (
-    Method("gptq-w4", "GPTQ", 4, "smollm2_w4a16", (), baseline=True),
-    # RTN with plain min-max ranges: the classic round-to-nearest baseline.
-    Method(
-        "rtn-w4",
-        "RTN",
-        4,
-        "rtn_w4a16",
-        ("model=smollm2", f"scheme.group_size={GROUP_SIZE}", "scheme.observer=minmax"),
-    ),
-    Method(
-        "rtn-w3",
-        "RTN",
-        3,
-        "rtn_w4a16",
-        (
-            "model=smollm2",
-            "scheme=w3a16",
-            f"scheme.group_size={GROUP_SIZE}",
-            "scheme.observer=minmax",
-        ),
-    ),
-    Method("gptq-w3", "GPTQ", 3, "smollm2_w4a16", ("scheme=w3a16",)),
-)
-TABLE_ORDER = ("rtn-w4", "gptq-w4", "rtn-w3", "gptq-w3")
+METHODS = _methods()
+TABLE_ORDER = tuple(
+    m.slug for bits in (4, 3) for m in METHODS if m.bits == bits
+)  # per width: GPTQ, RTN, RTN+h, GPTQ+h, GPTAQ, GPTAQ+h
 
 
 # ---------------------------------------------------------------------- child process
@@ -386,20 +406,57 @@ def floor_block(
 
 
 def comparison(rows: list[Row]) -> str:
-    """GPTQ against RTN at each width and against the float model: measured numbers and ratios."""
+    """Every run against GPTQ at its width (the mse observer): perplexity and quantization time."""
     by = {r.slug: r for r in rows}
     base = by["float"].perplexity
     lines = []
     for bits in (4, 3):
-        g, r = by[f"gptq-w{bits}"], by[f"rtn-w{bits}"]
-        lines.append(
-            f"W{bits}: perplexity GPTQ {g.perplexity:.2f} / RTN {r.perplexity:.2f} = "
-            f"{g.perplexity / r.perplexity:.3f}; vs float {base:.2f}: GPTQ "
-            f"{g.perplexity / base:.3f}×, RTN {r.perplexity / base:.3f}×; quantization GPTQ "
-            f"{fmt(g.quant_s)} s / RTN {fmt(r.quant_s)} s"
-            + (f" = {g.quant_s / r.quant_s:.1f}×" if g.quant_s is not None and r.quant_s else "")
-        )
+        g = by.get(f"gptq-w{bits}")
+        if g is None:
+            continue
+        for r in rows:
+            if r.bits != bits or r is g:
+                continue
+            time = (
+                f"{fmt(r.quant_s)} s / {fmt(g.quant_s)} s = {r.quant_s / g.quant_s:.2f}×"
+                if r.quant_s is not None and g.quant_s
+                else "—"
+            )
+            lines.append(
+                f"- W{bits} {r.slug}: perplexity {r.perplexity:.2f} vs GPTQ {g.perplexity:.2f} "
+                f"({r.perplexity / g.perplexity - 1:+.1%}; {r.perplexity / base:.3f}× float); "
+                f"quantization time vs GPTQ {time}"
+            )
     return "\n".join(lines)
+
+
+def evaluate_dir(model_dir: Path, data: Path, seq_len: int, tokens: int, threads: int) -> float:
+    """Perplexity of a model or checkpoint directory on ``data`` (``gptqflow eval``, a child)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "gptqflow", "eval", str(model_dir), "--data", str(data)]
+    cmd += ["--seq-len", str(seq_len), "--max-tokens", str(tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    found = re.search(r"perplexity: ([0-9.]+)", proc.stdout)
+    if proc.returncode != 0 or found is None:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return float(found.group(1))
+
+
+def ood_table(
+    results: dict[str, dict[str, Any]], out: Path, data: Path, a: argparse.Namespace
+) -> tuple[str, dict[str, float]]:
+    """Float and every W4 checkpoint on an out-of-domain text (Markdown, and the numbers)."""
+    model_dir = Path(results["gptq-w4"]["report"]["model"])
+    ppl = {"float": evaluate_dir(model_dir, data, a.seq_len, a.eval_tokens, a.threads)}
+    for slug in results:
+        if slug.endswith("-w4"):
+            ppl[slug] = evaluate_dir(
+                out / slug / "checkpoint", data, a.seq_len, a.eval_tokens, a.threads
+            )
+    lines = ["| run | perplexity | vs GPTQ W4 |", "| --- | ---: | ---: |"]
+    for slug, value in ppl.items():
+        lines.append(f"| {slug} | {value:.2f} | {value / ppl['gptq-w4'] - 1:+.1%} |")
+    return "\n".join(lines), ppl
 
 
 def default_threads() -> int:
@@ -449,6 +506,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="timings per matmul shape, before and after the runs (default 7; 3 with --quick)",
     )
+    p.add_argument(
+        "--runs",
+        default=",".join(m.slug for m in METHODS),
+        help="comma-separated runs to make (gptq-w4 is always made: it measures the float "
+        "model); default: all of " + ", ".join(m.slug for m in METHODS),
+    )
+    p.add_argument(
+        "--ood-file",
+        type=Path,
+        default=None,
+        help="also evaluate the float model and every W4 checkpoint on this text",
+    )
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
@@ -456,6 +525,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.seq_len = a.seq_len or (128 if q else 512)
     a.eval_tokens = a.eval_tokens if a.eval_tokens is not None else (2048 if q else 40960)
     a.matmul_reps = a.matmul_reps or (3 if q else 7)
+    known = {m.slug for m in METHODS}
+    asked = {r.strip() for r in a.runs.split(",") if r.strip()}
+    if asked - known:
+        p.error(f"--runs: unknown {sorted(asked - known)}; runs: {', '.join(sorted(known))}")
+    a.runs = ["gptq-w4"] + [m.slug for m in METHODS if m.slug in asked and m.slug != "gptq-w4"]
+    if a.ood_file is not None and not a.ood_file.is_file():
+        p.error(f"--ood-file {a.ood_file}: no such file")
     if a.threads < 1 or a.num_samples < 1 or a.seq_len < 2 or a.eval_tokens < a.seq_len:
         p.error(
             "need --threads >= 1, --num-samples >= 1, --seq-len >= 2, --eval-tokens >= --seq-len"
@@ -487,16 +563,21 @@ def main(argv: list[str] | None = None) -> None:
     before_gflops = rate.gflops
     log(f"matmul rate before the runs: {before_gflops:.1f} GFLOP/s")
     results: dict[str, dict[str, Any]] = {}
+    chosen = [m for m in METHODS if m.slug in a.runs]
+    ood_md, ood = "", {}
     try:
-        for i, m in enumerate(METHODS, 1):
+        for i, m in enumerate(chosen, 1):
             t = time.perf_counter()
             results[m.slug] = res = run_child(m, common, out, a.threads)
             loads[m.slug] = load_average()
             r = res["report"]
             log(
-                f"[{i}/{len(METHODS)}] {m.method} W{m.bits}: ppl {r['perplexity']['quantized']:.3f} "
+                f"[{i}/{len(chosen)}] {m.slug}: ppl {r['perplexity']['quantized']:.3f} "
                 f"in {time.perf_counter() - t:.1f} s (load average {loads[m.slug]})"
             )
+        if a.ood_file is not None:
+            ood_md, ood = ood_table(results, out, a.ood_file, a)
+            log(f"out of domain ({a.ood_file}): {ood}")
         after = measure_matmul_rate(a.threads, reps=a.matmul_reps)
         log(f"matmul rate after the runs: {after.gflops:.1f} GFLOP/s")
         rate.merge(after)
@@ -506,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
 
     by_slug = {m.slug: m for m in METHODS}
     base = baseline_row(results["gptq-w4"])
-    rows = [base] + [make_row(by_slug[s], results[s]) for s in TABLE_ORDER]
+    rows = [base] + [make_row(by_slug[s], results[s]) for s in TABLE_ORDER if s in results]
     gptq = results["gptq-w4"]
     floor_md, floor_data = floor_block(
         gptq["report"]["model"], a.num_samples, a.seq_len, int(gptq["block_size"]), rate, rows
@@ -543,6 +624,11 @@ def main(argv: list[str] | None = None) -> None:
     print(code_line + "\n")
     print(f"## Floating-point floor\n\n{floor_md}\n")
     print(comparison(rows))
+    if ood:
+        print(
+            f"\n## Out of domain\n\nPerplexity on the first {a.eval_tokens} tokens of "
+            f"{a.ood_file.name} (windows of {a.seq_len}), calibrated on wikitext2-valid:\n\n{ood_md}"
+        )
     if a.json is not None:
         doc = {
             "settings": {
@@ -561,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             "rows": [asdict(r) for r in rows],
             "floor": floor_data,
+            "out_of_domain": {"file": str(a.ood_file), "perplexity": ood} if ood else None,
             "runs": results,
         }
         a.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_world_size import run_at
 
 from gptqflow.modeling.checkpoint import read_quantized_codes
-from test_world_size import run_at
 
 pytestmark = pytest.mark.slow
 

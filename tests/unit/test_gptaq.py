@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from gptqflow.gptq.gptaq import CrossSum, asymmetric_target, correction_matrix
+from gptqflow.gptq.gptaq import CrossSum, asymmetric_target
 from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.quantizer import compute_qparams
 from gptqflow.gptq.solver import gptq_solve, prepare_factor, solve_rows
@@ -64,17 +64,20 @@ ARGS = QuantArgs(bits=3, group_size=-1, symmetric=True, actorder="none", dampeni
 
 def _gptaq(w: torch.Tensor, h: torch.Tensor, d: torch.Tensor, alpha: float, args: QuantArgs):  # type: ignore[no-untyped-def]
     factor = prepare_factor(h, args, dtype=torch.float64)
-    target = asymmetric_target(w, correction_matrix(h, d, factor.damp, alpha))
-    return solve_rows(target, factor, args, dtype=torch.float64)
+    return solve_rows(asymmetric_target(w, d, factor, alpha), factor, args, dtype=torch.float64)
 
 
 def test_target_is_the_least_squares_solution() -> None:
     """alpha = 1: W* = argmin ‖W X̃ - W* X‖² (checked with lstsq)."""
     w, x, x_float = _paths(0)
     h, d = _stats(x, x_float)
-    target = asymmetric_target(w, correction_matrix(h, d, 0.0, 1.0))
+    factor = prepare_factor(h, QuantArgs(dampening=1e-12), dtype=torch.float64)
+    target = asymmetric_target(w, d, factor, 1.0)
     ref = torch.linalg.lstsq(x, x_float @ w.T).solution.T
-    assert torch.allclose(target, ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(target, ref, rtol=1e-8, atol=1e-9)
+    # Activation order permutes the factor; the target is the same matrix.
+    perm = prepare_factor(h, QuantArgs(dampening=1e-12, actorder="static"), dtype=torch.float64)
+    assert torch.allclose(asymmetric_target(w, d, perm, 1.0), target, rtol=1e-8, atol=1e-9)
 
 
 def _greedy_reference(
@@ -99,7 +102,7 @@ def test_sweep_on_the_target_is_the_greedy_asymmetric_solution() -> None:
     h, d = _stats(x, x_float)
     res = _gptaq(w, h, d, 1.0, ARGS)
     # The grid the solver used (per channel, from the target): the reference rounds on it.
-    target = asymmetric_target(w, correction_matrix(h, d, ARGS.dampening, 1.0))
+    target = asymmetric_target(w, d, prepare_factor(h, ARGS, dtype=torch.float64), 1.0)
     scale, _ = compute_qparams(target, ARGS)
     assert torch.equal(res.scale, scale.to(res.scale.dtype))
     ref = _greedy_reference(w, x, x_float, scale, ARGS)

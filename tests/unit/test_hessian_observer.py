@@ -68,7 +68,9 @@ def test_hessian_observer_matches_brute_force(symmetric: bool, bits: int) -> Non
         assert math.isclose(got, ref, rel_tol=1e-12, abs_tol=1e-15), r
         # No worse, in the error it minimises, than min-max or the plain-MSE choice.
         for other in ("minmax", "mse"):
-            s, z = compute_qparams(w[r : r + 1], QuantArgs(bits=bits, symmetric=symmetric, observer=other))  # type: ignore[arg-type]
+            s, z = compute_qparams(
+                w[r : r + 1], QuantArgs(bits=bits, symmetric=symmetric, observer=other)
+            )  # type: ignore[arg-type]
             assert got <= _weighted_error(w[r], float(s), float(z), imp[r], args) + 1e-15
 
 

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CrossSum", "asymmetric_target", "correction_matrix"]
+from gptqflow.gptq.solver import HessianFactor
+
+__all__ = ["CrossSum", "asymmetric_target"]
 
 
 @dataclass
@@ -77,44 +79,40 @@ class CrossSum:
         return self.sum / self.count
 
 
-def correction_matrix(
-    hessian: torch.Tensor, cross: torch.Tensor, damp: float, alpha: float
+def asymmetric_target(
+    weight: torch.Tensor, cross: torch.Tensor, factor: HessianFactor, alpha: float
 ) -> torch.Tensor:
-    """``α · D H_d⁻¹`` (float64, ``[cols, cols]``), ``H_d`` the Hessian dampened as GPTQ does.
+    """``W + alpha · W D H_d⁻¹``, returned in ``weight``'s dtype.
 
-    ``damp`` is the dampening fraction the factorisation used (``HessianFactor.damp``):
-    ``damp · mean(diag)`` is added to the diagonal, dead columns (diagonal 0) get
-    diagonal 1 first (:func:`~gptqflow.gptq.solver.prepare_factor` decouples them the
-    same way, and their inputs are zero on the quantized path, so ``D``'s columns there
-    are zero too).
+    ``H_d`` is the dampened Hessian the sweep factorised: ``factor`` holds ``R`` with
+    ``H_d = R Rᵀ`` in sweep order, so ``Y H_d⁻¹`` is two triangular solves of
+    ``Y = W D`` (no second factorisation, no ``cols × cols`` inverse), in the factor's
+    dtype (float32 in runs, float64 for references). Dead columns are decoupled in
+    ``H_d`` exactly as the sweep decouples them; their inputs are zero on the quantized
+    path, so ``D``'s columns there are zero too.
+
+    Each row's result depends only on that row, but it is computed for a whole module
+    at once: every rank that holds the module's weight computes the same product of the
+    same shapes and gets the same target, bit for bit, whatever rows it then solves.
     """
-    h = hessian.to(torch.float64)
-    cols = h.shape[0]
-    if h.shape != (cols, cols) or cross.shape != (cols, cols):
+    cols = factor.cols
+    if weight.ndim != 2 or weight.shape[1] != cols or cross.shape != (cols, cols):
         raise ValueError(
-            f"hessian {tuple(hessian.shape)} and cross {tuple(cross.shape)} must both be "
-            "square and of the same size"
+            f"weight {tuple(weight.shape)} and cross {tuple(cross.shape)} do not match a "
+            f"factor of {cols} columns"
         )
-    diag = h.diagonal()
-    dead = diag == 0
-    if bool(dead.any()):
-        h = h.clone()
-        h[dead, :] = 0
-        h[:, dead] = 0
-        h[dead, dead] = 1
-        diag = h.diagonal()
-    shifted = h + torch.eye(cols, dtype=h.dtype, device=h.device) * (damp * float(diag.mean()))
-    low = torch.linalg.cholesky(shifted)
-    # (D H⁻¹)ᵀ = H⁻¹ Dᵀ (H symmetric).
-    return torch.cholesky_solve(cross.to(torch.float64).T.contiguous(), low).T.mul(alpha)
-
-
-def asymmetric_target(weight: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
-    """``W + W · correction`` in float64, returned in ``weight``'s dtype.
-
-    Each row's result depends only on that row, computed for a whole module at once,
-    so every rank that holds the module's weight gets the same target, bit for bit,
-    whatever rows it then solves.
-    """
-    w = weight.detach().to(torch.float64)
-    return (w + w @ correction).to(weight.dtype)
+    dtype = factor.diag.dtype
+    r = factor.upper()
+    perm = factor.perm
+    d = cross.to(dtype)
+    w = weight.detach().to(dtype)
+    if perm is not None:
+        d = d.index_select(0, perm).index_select(1, perm)
+        w = w.index_select(1, perm)
+    y = w @ d
+    z = torch.linalg.solve_triangular(r.T, y, upper=False, left=False)  # z Rᵀ = y
+    v = torch.linalg.solve_triangular(r, z, upper=True, left=False)  # v R = z
+    target = w + alpha * v
+    if perm is not None:
+        target = target.index_select(1, torch.argsort(perm))
+    return target.to(weight.dtype)

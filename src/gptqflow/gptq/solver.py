@@ -435,9 +435,7 @@ def _sweep_block(
             end = min(j + size, cols)
             current = _current_columns(w_t, corr, factor, i1, j, end)
             importance = factor.diag[j:end].square() if args.observer == "hessian" else None
-            scale, zp = compute_qparams(
-                current.T, args, scale_dtype=storage, importance=importance
-            )
+            scale, zp = compute_qparams(current.T, args, scale_dtype=storage, importance=importance)
             scale_t[j // size] = scale[:, 0]
             zp_t[j // size] = zp[:, 0]
         g = grid.sweep_groups[j]

@@ -59,11 +59,11 @@ from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun, LayerRun
 from gptqflow.gptq.cholesky import LOCAL, PanelExchange
 from gptqflow.gptq.cost import CostModel
-from gptqflow.gptq.gptaq import asymmetric_target, correction_matrix
+from gptqflow.gptq.gptaq import asymmetric_target
 from gptqflow.gptq.numerics import count_nonfinite
 from gptqflow.gptq.plan import RowSlice, plan_solve, split_rows
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
-from gptqflow.gptq.solver import CholeskyError, prepare_factor, solve_rows
+from gptqflow.gptq.solver import CholeskyError, HessianFactor, prepare_factor, solve_rows
 from gptqflow.gptq.types import QuantResult
 from gptqflow.stages.float_path import REDUCED_CROSS
 
@@ -144,7 +144,7 @@ class SolveStage(Stage):
             hessian = group.reduced_hessian if args.observer == "hessian" else None
             res = rtn_quantize(w, args, hessian)
         else:
-            res = solve_rows(self._target(group, mine, w, factor.damp), factor, args)
+            res = solve_rows(self._target(group, mine, w, factor), factor, args)
         check_finite_result(group, mine, res)
         if fallback is not None:
             state.fallbacks += [
@@ -162,7 +162,9 @@ class SolveStage(Stage):
             group.results[(s.module, s.start)] = part
             offset += s.rows
 
-    def _target(self, group: GroupRun, mine: list[RowSlice], w: torch.Tensor, damp: float) -> torch.Tensor:
+    def _target(
+        self, group: GroupRun, mine: list[RowSlice], w: torch.Tensor, factor: HessianFactor
+    ) -> torch.Tensor:
         """The rows the sweep quantizes: the float weights (gptq) or GPTAQ's target.
 
         GPTAQ's target is computed for each whole module (its rows depend only on
@@ -171,11 +173,11 @@ class SolveStage(Stage):
         """
         if self.config.method != "gptaq":
             return w
-        assert group.reduced_hessian is not None
-        corr = correction_matrix(
-            group.reduced_hessian, group.slots[REDUCED_CROSS], damp, self.config.alpha
-        )
-        targets = {m: asymmetric_target(group.weights[m].data, corr) for m in {s.module for s in mine}}
+        cross, alpha = group.slots[REDUCED_CROSS], self.config.alpha
+        targets = {
+            m: asymmetric_target(group.weights[m].data, cross, factor, alpha)
+            for m in sorted({s.module for s in mine})
+        }
         return torch.cat([targets[s.module][s.start : s.stop] for s in mine])
 
     def _cholesky_failed(self, group: GroupRun, exc: CholeskyError, ctx: DistContext) -> str:
