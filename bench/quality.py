@@ -509,8 +509,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--runs",
         default=",".join(m.slug for m in METHODS),
-        help="comma-separated runs to make (gptq-w4 is always made: it measures the float "
-        "model); default: all of " + ", ".join(m.slug for m in METHODS),
+        help="comma-separated runs to make, in this order (gptq-w4 is always made, first: it "
+        "measures the float model); default: all of " + ", ".join(m.slug for m in METHODS),
     )
     p.add_argument(
         "--ood-file",
@@ -529,7 +529,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     asked = {r.strip() for r in a.runs.split(",") if r.strip()}
     if asked - known:
         p.error(f"--runs: unknown {sorted(asked - known)}; runs: {', '.join(sorted(known))}")
-    a.runs = ["gptq-w4"] + [m.slug for m in METHODS if m.slug in asked and m.slug != "gptq-w4"]
+    # In the order given (the float model is measured by gptq-w4, which runs first).
+    order = [r.strip() for r in a.runs.split(",") if r.strip()]
+    a.runs = ["gptq-w4"] + [r for r in dict.fromkeys(order) if r != "gptq-w4"]
     if a.ood_file is not None and not a.ood_file.is_file():
         p.error(f"--ood-file {a.ood_file}: no such file")
     if a.threads < 1 or a.num_samples < 1 or a.seq_len < 2 or a.eval_tokens < a.seq_len:
@@ -563,7 +565,8 @@ def main(argv: list[str] | None = None) -> None:
     before_gflops = rate.gflops
     log(f"matmul rate before the runs: {before_gflops:.1f} GFLOP/s")
     results: dict[str, dict[str, Any]] = {}
-    chosen = [m for m in METHODS if m.slug in a.runs]
+    by_slug = {m.slug: m for m in METHODS}
+    chosen = [by_slug[s] for s in a.runs]
     ood_md, ood = "", {}
     try:
         for i, m in enumerate(chosen, 1):
@@ -585,7 +588,6 @@ def main(argv: list[str] | None = None) -> None:
         if own_tmp:
             shutil.rmtree(out, ignore_errors=True)
 
-    by_slug = {m.slug: m for m in METHODS}
     base = baseline_row(results["gptq-w4"])
     rows = [base] + [make_row(by_slug[s], results[s]) for s in TABLE_ORDER if s in results]
     gptq = results["gptq-w4"]

@@ -236,7 +236,7 @@ def test_lint_cli_exit_codes_and_messages(
     # file:line:col of the key (positions are tested exactly in test_lint_positions.py)
     assert re.search(
         rf"^{re.escape(str(path))}:\d+:\d+: stages\.solve\.method: value 'awq' is not allowed; "
-        r"allowed: 'gptq' or 'rtn'$",
+        r"allowed: 'gptq', 'gptaq' or 'rtn'$",
         out,
         re.M,
     ), out
