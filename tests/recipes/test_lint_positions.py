@@ -213,15 +213,20 @@ def test_composed_recipe_points_at_the_file_that_set_the_key(recipes_copy: Path)
 
 
 def test_derived_recipe_problems_point_at_the_file_that_set_the_key(recipes_copy: Path) -> None:
-    """rtn_w4a16 sets `solve: {method: rtn}` over the parent's solve entry."""
+    """rtn_w4a16 picks method/rtn.yaml, which sets `solve: {method: rtn}` over the parent's
+    solve entry (a ``@package _global_`` option of the method group)."""
     rtn = recipes_copy / "rtn_w4a16.yaml"
-    rtn.write_text(rtn.read_text().replace("{method: rtn}", "{method: rtm}"))
+    option = recipes_copy / "method" / "rtn.yaml"
+    option.write_text(option.read_text().replace("{method: rtn}", "{method: rtm}"))
     parent = recipes_copy / "gptq_w4a16.yaml"
     parent.write_text(parent.read_text().replace("dampening: 0.01", "dampening: 2"))
     found = _by_path(_lint(rtn))
     method = found["stages.solve.method"]
-    assert (method.file, (method.line, method.column)) == (str(rtn), _line_col(rtn, "method"))
-    assert "'rtm'" in method.message and "composed into" not in method.message
+    assert (method.file, (method.line, method.column)) == (
+        str(option),
+        _line_col(option, "method: rtm"),
+    )
+    assert "'rtm'" in method.message and f"(composed into {rtn})" in method.message
     damp = found["stages.solve.dampening"]
     assert (damp.file, (damp.line, damp.column)) == (str(parent), _key(parent, "dampening:"))
     assert damp.message.endswith(f"(composed into {rtn})")
