@@ -518,6 +518,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also evaluate the float model and every W4 checkpoint on this text",
     )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --out: take the runs already finished there (their result files) instead "
+        "of making them again, e.g. after an interrupted benchmark; same settings assumed",
+    )
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
@@ -532,6 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # In the order given (the float model is measured by gptq-w4, which runs first).
     order = [r.strip() for r in a.runs.split(",") if r.strip()]
     a.runs = ["gptq-w4"] + [r for r in dict.fromkeys(order) if r != "gptq-w4"]
+    if a.reuse and a.out is None:
+        p.error("--reuse needs --out (the directory of the earlier runs)")
     if a.ood_file is not None and not a.ood_file.is_file():
         p.error(f"--ood-file {a.ood_file}: no such file")
     if a.threads < 1 or a.num_samples < 1 or a.seq_len < 2 or a.eval_tokens < a.seq_len:
@@ -571,6 +579,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for i, m in enumerate(chosen, 1):
             t = time.perf_counter()
+            kept = out / f"{m.slug}.result.json"
+            if a.reuse and kept.is_file():  # a run finished earlier in this --out directory
+                results[m.slug] = json.loads(kept.read_text())
+                log(f"[{i}/{len(chosen)}] {m.slug}: reused {kept}")
+                continue
             results[m.slug] = res = run_child(m, common, out, a.threads)
             loads[m.slug] = load_average()
             r = res["report"]

@@ -23,7 +23,7 @@ cannot continue from one: it says so and stops.
 
 ```yaml
 stages:
-  float-path: {after: partition}   # before the layer stages that quantize
+  float-path: {after: calibrate}   # inside the layer loop, before solve
   solve: {method: gptaq}
 ```
 """
