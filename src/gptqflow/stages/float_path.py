@@ -41,12 +41,14 @@ from gptqflow.framework.registry import register_stage
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun, LayerRun, Slot
 from gptqflow.gptq.gptaq import CrossSum
-from gptqflow.modeling.forward import per_sample_linears
+from gptqflow.modeling.forward import Chunks, per_sample_linears
 
-#: This rank's float-path hidden states entering the next layer ([n, seq, hidden]).
-FLOAT_HIDDEN: Slot[torch.Tensor] = Slot("float_hidden")
-#: The float-path input of every target module of the layer, by full module name.
-FLOAT_INPUTS: Slot[dict[str, torch.Tensor]] = Slot("layer.float_inputs")
+#: This rank's float-path hidden states entering the next layer: ``[n, seq, hidden]``, or
+#: :class:`Chunks` when the layer loop carries its samples that way.
+FLOAT_HIDDEN: Slot[torch.Tensor | Chunks] = Slot("float_hidden")
+#: The float-path input of every target module of the layer, by full module name: one
+#: tensor per chunk of samples, in sample order.
+FLOAT_INPUTS: Slot[dict[str, list[torch.Tensor]]] = Slot("layer.float_inputs")
 #: ``Σ 2·(x̃ - x)ᵀx / tokens`` over all ranks (float64, [cols, cols]).
 REDUCED_CROSS: Slot[torch.Tensor] = Slot("group.reduced_cross")
 
@@ -67,27 +69,37 @@ class FloatPathStage(Stage):
                 "the float model's hidden states are not kept in resume points; rerun from the "
                 "start (runtime.resume=false, or a new output_dir)"
             )
-        inputs: dict[str, torch.Tensor] = {}
-        handles = [
-            module.register_forward_pre_hook(_recorder(name, inputs))
-            for name, module in layer.targets.items()
-        ]
-        try:
-            with per_sample_linears(layer.module), torch.inference_mode():
-                out = layer.module(hidden, **layer.kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+        chunks = hidden if isinstance(hidden, Chunks) else Chunks([hidden], [layer.kwargs])
+        chunks = chunks.split(state.recipe.runtime.max_forward_tokens)
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layer.targets}
+        outputs = []
+        for part, kwargs in zip(chunks.parts, chunks.kwargs):
+            seen: dict[str, torch.Tensor] = {}
+            handles = [
+                module.register_forward_pre_hook(_recorder(name, seen))
+                for name, module in layer.targets.items()
+            ]
+            try:
+                with per_sample_linears(layer.module), torch.inference_mode():
+                    out = layer.module(part, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, x in seen.items():
+                inputs[name].append(x)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
         layer.slots[FLOAT_INPUTS] = inputs
-        state.slots[FLOAT_HIDDEN] = out[0] if isinstance(out, tuple) else out
+        state.slots[FLOAT_HIDDEN] = (
+            Chunks(outputs, chunks.kwargs) if isinstance(hidden, Chunks) else torch.cat(outputs)
+        )
 
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
-        x = group.inputs
-        assert x is not None, "contracts: float-path requires group.inputs"
-        x_float = group.layer.slots[FLOAT_INPUTS][group.names[0]]
-        cross = CrossSum.zeros(x.shape[-1], device=x.device)
-        for i in range(x.shape[0]):
-            cross.add(x_float[i], x[i])
+        quant = _samples(group.input_chunks)
+        floats = _samples(group.layer.slots[FLOAT_INPUTS][group.names[0]])
+        assert len(quant) == len(floats), "both paths hold the rank's samples, in order"
+        cross = CrossSum.zeros(quant[0].shape[-1], device=quant[0].device)
+        for x_float, x in zip(floats, quant):
+            cross.add(x_float, x)
         count = torch.tensor([cross.count], dtype=torch.float64, device=cross.sum.device)
         total, h1 = ctx.all_reduce_sum(cross.sum)
         tokens, h2 = ctx.all_reduce_sum(count)
@@ -98,6 +110,11 @@ class FloatPathStage(Stage):
 
     def after_layer(self, layer: LayerRun, ctx: DistContext) -> None:
         layer.slots[FLOAT_INPUTS] = {}  # free the layer's float inputs before the next one
+
+
+def _samples(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The samples of a list of ``[n_c, len_c, cols]`` chunks, one ``[len, cols]`` each, in order."""
+    return [x[i] for x in chunks for i in range(x.shape[0])]
 
 
 def _recorder(name: str, inputs: dict[str, torch.Tensor]) -> Any:
