@@ -57,3 +57,19 @@ def test_gptaq_differs_from_gptq(
     gptaq = read_quantized_codes(runs[1][0] / "checkpoint")
     changed = sum(int((gptq[n]["qweight"] != gptaq[n]["qweight"]).sum()) for n in gptq)
     assert changed > 0
+
+
+def test_gptaq_chunked_forward_gives_the_same_bytes(
+    runs: dict[int, tuple[Path, dict[str, Any]]], tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """Samples forwarded in chunks (runtime.max_forward_tokens) on both paths: same checkpoint."""
+    run_at(
+        2,
+        tiny_llama_dir,
+        tmp_path,
+        "method=gptaq",
+        "scheme.observer=hessian",
+        "runtime.max_forward_tokens=128",
+    )
+    a = (runs[1][0] / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
