@@ -63,6 +63,7 @@ def test_every_stage_registered_with_forbidding_config() -> None:
         "hessian-reduce",
         "solve",
         "broadcast",
+        "float-path",
         "save",
         "evaluate",
     }
