@@ -124,7 +124,7 @@ def test_plugin_stage_passes_the_conformance_suite(site: Path, tmp_path: Path) -
         "import runpy; runpy.run_module('gptqflow.testing', run_name='__main__')",
         cwd=tmp_path,
     )
-    assert got.returncode == 0 and "ok: 9 stage(s) conform" in got.stdout, got.stdout + got.stderr
+    assert got.returncode == 0 and "ok: 10 stage(s) conform" in got.stdout, got.stdout + got.stderr
 
 
 def test_misplaced_plugin_stage_is_a_lint_error_at_its_line(
