@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from gptqflow.cli import main
 from gptqflow.framework.compose import compose_recipe
-from gptqflow.modeling import checkpoint as ckpt
 from gptqflow.modeling.checkpoint import read_quantized_codes
 from gptqflow.modeling.modeldir import supported_model_types
+from gptqflow.modeling.streaming import StreamingCheckpoint
 
 SMALL = [
     "dataset.num_samples=2",
@@ -293,7 +293,8 @@ def test_full_disk_leaves_no_checkpoint(
     def disk_full(*_: Any, **__: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    # The disk fills while the first layer's tensors are written into the shards.
+    monkeypatch.setattr(StreamingCheckpoint, "_write", disk_full)
     out = tmp_path / "out"
     _refused(
         _run(tiny_llama_dir, out),

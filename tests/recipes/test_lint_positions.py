@@ -328,3 +328,22 @@ def test_source_map_stops_at_interpolation_cycles() -> None:
     smap = SourceMap.single("c.yaml", "a: ${b}\nb: ${a}\n")
     loc = smap.locate("a")
     assert loc is not None and loc.file == "c.yaml" and loc.line in (1, 2)
+
+
+def test_a_method_option_is_linted_as_composed_into_the_default(recipes_copy: Path) -> None:
+    """An option of a schema-less group is checked by composing it into the default recipe;
+    what breaks is the option's problem, at the option's own key."""
+    option = recipes_copy / "method" / "gptaq.yaml"
+    option.write_text(option.read_text().replace("alpha: 0.25", "alpha: -1"))
+    (p,) = _lint(option)
+    assert (p.path, p.file, (p.line, p.column)) == (
+        "stages.solve.alpha",
+        str(option),
+        _key(option, "alpha:"),
+    )
+    # Without its `# @package _global_` header the option's keys land under `method`.
+    option.write_text("stages:\n  solve: {method: gptaq}\n")
+    (p,) = _lint(option)
+    assert (p.path, p.file) == ("method", str(option))
+    assert "(composing gptq_w4a16.yaml with method=gptaq)" in p.message
+    assert "start the file with '# @package _global_'" in p.message

@@ -94,12 +94,49 @@ def lint_file(path: Path) -> list[Problem]:
         sources = _composition_sources(path)
     elif (default := path.parent.parent / f"{DEFAULT_RECIPE}.yaml").is_file():
         # An option of a group without a schema of its own (``@package _global_``).
-        problems = _lint_composed(default, [f"{group}={path.stem}"])
-        sources = SourceMap.single(path, path.read_text())
+        text = path.read_text()
+        package = _package_header(text)
+        problems = [
+            _blame_option(p, path, group, default, package)
+            for p in _lint_composed(default, [f"{group}={path.stem}"])
+        ]
+        sources = SourceMap.single(path, text, package=group if package is None else package)
     else:
         problems = _lint_resolved(path, data)
         sources = SourceMap.single(path, path.read_text())
     return [_place(p, sources, path) for p in problems]
+
+
+def _package_header(text: str) -> str | None:
+    """The ``# @package`` of a config file (Hydra reads it from the leading comments)."""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break
+        words = stripped.lstrip("#").split()
+        if len(words) == 2 and words[0] == "@package":
+            return "" if words[1] == "_global_" else words[1]
+    return None
+
+
+def _blame_option(
+    problem: Problem, option: Path, group: str, default: Path, package: str | None
+) -> Problem:
+    """A problem found composing ``option`` into the default recipe belongs to the option.
+
+    The default recipe is valid on its own, so whatever composition with the option
+    breaks is the option's doing; a key under the group's own name means the option
+    lost the header that puts its keys at the top level.
+    """
+    if problem.file != str(default):
+        return problem
+    message = f"{problem.message} (composing {default.name} with {group}={option.stem})"
+    if package is None and problem.path.split(".")[0] == group:
+        message += (
+            f"; options of the {group} group set top-level keys: start the file with "
+            "'# @package _global_'"
+        )
+    return dataclasses.replace(problem, file=str(option), message=message)
 
 
 def _place(problem: Problem, sources: SourceMap, linted: Path) -> Problem:
