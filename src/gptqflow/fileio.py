@@ -47,3 +47,30 @@ def write_atomic(path: Path, content: str | bytes | Callable[[IO[bytes]], object
         raise
     fsync_dir(path.parent)
     return path.stat().st_size
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> 2·10⁹ bytes, ``"512MiB"`` -> 512·2²⁰ (the spelling transformers accepts)."""
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            number = t[: -len(unit)].strip()
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value > 0:
+                return int(value * factor)
+            break
+    raise ValueError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")

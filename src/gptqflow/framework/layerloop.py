@@ -20,6 +20,10 @@ stage runs once first, ``after_loop`` once at the end. For every decoder layer:
    (wrote them where they can be read again); otherwise the layer stays in memory
    and the loop says so.
 
+Hidden states larger than ``runtime.max_hidden_bytes`` live in files between layers
+(:mod:`gptqflow.modeling.spill`): the forward reads them a chunk at a time and writes
+the outputs chunk by chunk.
+
 Sequential across layers (the inputs of layer i+1 are the outputs of the finished layer
 i) and deterministic: every Linear computes sample by sample, so a rank's results do not
 depend on how many samples it holds. The loop also times each stage's hooks per layer
@@ -40,6 +44,7 @@ import torch
 from torch import nn
 
 from gptqflow.errors import GptqflowError
+from gptqflow.fileio import parse_size
 from gptqflow.framework.clock import StageClock, peak_rss
 from gptqflow.framework.contracts import LOOP_INPUTS
 from gptqflow.framework.distributed import DistContext
@@ -55,12 +60,16 @@ from gptqflow.modeling.forward import (
     to_device,
     trace_groups,
 )
+from gptqflow.modeling.spill import HiddenSpill, SpilledChunks, SpillWriter
 from gptqflow.modeling.structure import decoder_layers, target_linears
 
 if TYPE_CHECKING:
     from gptqflow.framework.resume import ResumePoints
 
 log = logging.getLogger("gptqflow")
+
+#: Directory under output_dir of the hidden states that exceed runtime.max_hidden_bytes.
+SPILL_DIR = "spill"
 
 #: report.json key of the loop's own time (input capture, forward passes, moving layers).
 LOOP_KEY = "layer-loop"
@@ -155,11 +164,61 @@ class LayerLoop:
         self._group_cache: dict[Any, list[list[str]]] = {}
         self.n_layers = 0
         self._kept = 0  # changed layers that could not be released (streamed weights)
+        self.spill: HiddenSpill | None = None  # hidden states in files (runtime.max_hidden_bytes)
 
     # -------------------------------------------------------------- the loop
     def run(self, state: PipelineState) -> None:
-        with frozen_heap():
-            self._run(state)
+        try:
+            with frozen_heap():
+                self._run(state)
+        finally:
+            if self.spill is not None:
+                self.spill.close()
+
+    def _restored_hidden(
+        self, restored: torch.Tensor | Chunks, kwargs: dict[str, Any]
+    ) -> torch.Tensor | Chunks:
+        """A resume point's hidden states, in memory or in files as this run's budget says."""
+        if self.spill is None:
+            return restored.to(self.ctx.device)  # a spilled point is read into memory
+        if isinstance(restored, SpilledChunks):
+            return restored  # read from the resume point's file, chunk by chunk
+        chunks = restored if isinstance(restored, Chunks) else Chunks([restored], [kwargs])
+        return self.spill.spill(chunks)
+
+    def _maybe_spill(
+        self, state: PipelineState, hidden: torch.Tensor | Chunks, kwargs: dict[str, Any]
+    ) -> torch.Tensor | Chunks:
+        """Move the rank's hidden states to a file when they exceed ``runtime.max_hidden_bytes``.
+
+        Spilled, every layer runs in chunks (``runtime.max_forward_tokens``, or as many
+        tokens as the budget holds) read from the file one at a time, and writes its
+        outputs chunk by chunk to the other file: one chunk in, one chunk out in memory.
+        """
+        runtime = state.recipe.runtime
+        chunks = hidden if isinstance(hidden, Chunks) else Chunks([hidden], [kwargs])
+        nbytes = sum(int(p.numel()) * p.element_size() for p in chunks.parts)
+        state.hidden_info = {"bytes": nbytes, "spilled": False}
+        if runtime.max_hidden_bytes is None or nbytes <= parse_size(runtime.max_hidden_bytes):
+            return hidden
+        budget = parse_size(runtime.max_hidden_bytes)
+        per_token = max(1, nbytes // max(1, chunks.tokens))
+        chunk_tokens = runtime.max_forward_tokens or max(1, budget // per_token)
+        self.spill = HiddenSpill(state.output_dir / SPILL_DIR, self.ctx.rank, chunk_tokens)
+        spilled = self.spill.spill(chunks)
+        state.hidden_info.update(
+            spilled=True, chunk_tokens=chunk_tokens, file_dir=str(self.spill.directory)
+        )
+        log.info(
+            "hidden states of rank %d (%.1f MiB) exceed runtime.max_hidden_bytes=%s: kept in "
+            "%s and run in chunks of at most %d tokens",
+            self.ctx.rank,
+            nbytes / 2**20,
+            runtime.max_hidden_bytes,
+            self.spill.directory,
+            chunk_tokens,
+        )
+        return spilled
 
     def _run(self, state: PipelineState) -> None:
         ctx, recipe = self.ctx, state.recipe
@@ -174,11 +233,12 @@ class LayerLoop:
                 with state.weights.outside() if state.weights else nullcontext():
                     x, kw = capture_layer_inputs(state.model, layers[0], state.samples)
                 hidden, kwargs = x.to(ctx.device), to_device(kw, ctx.device)
+                hidden = self._maybe_spill(state, hidden, kwargs)
             for _sid, stage in self.stages:
                 stage.before_loop(state, ctx)
             first, restored = self.resume.restore(state, n_layers, self._restore_layer(prefix))
         if restored is not None:
-            hidden = restored.to(ctx.device)
+            hidden = self._restored_hidden(restored, kwargs)
         tokens = recipe.dataset.num_samples * recipe.dataset.seq_len if self.needs_inputs else 0
         bar = LayerProgress(range(first, n_layers), n_layers, state.progress, tokens)
         for index in bar:
@@ -276,6 +336,10 @@ class LayerLoop:
         """
         assert layer.inputs is not None
         cap = layer.state.recipe.runtime.max_forward_tokens
+        if isinstance(layer.inputs, SpilledChunks):
+            assert self.spill is not None, "spilled inputs come from the loop's spill"
+            self._forward_chunks(layer, layer.inputs, timer, self.spill.writer())
+            return
         if isinstance(layer.inputs, Chunks):
             self._forward_chunks(layer, layer.inputs.split(cap), timer)
             return
@@ -309,7 +373,9 @@ class LayerLoop:
         # Every layer sees the same samples: the rank's calibration tokens, not a sum over layers.
         layer.state.tokens_calibrated = int(layer.inputs.shape[0] * layer.inputs.shape[1])
 
-    def _forward_chunks(self, layer: LayerRun, chunks: Chunks, timer: _Timer) -> None:
+    def _forward_chunks(
+        self, layer: LayerRun, chunks: Chunks, timer: _Timer, sink: SpillWriter | None = None
+    ) -> None:
         """The forward over chunks of equal-length samples, each with its own kwargs.
 
         A group's statistics must cover every chunk before its ``on_group`` hooks run
@@ -321,23 +387,35 @@ class LayerLoop:
         layer of G groups costs up to G+1 partial forwards instead of one; each
         sample's arithmetic is the same as in one forward (Linears compute sample by
         sample), so the result does not depend on how samples are chunked.
+
+        With a ``sink`` (spilled hidden states) each output chunk goes to its file as
+        soon as it is computed, and the layer's outputs are that file's chunks.
         """
         groups = self._groups(layer)
+        device = self.ctx.device
         with per_sample_linears(layer.module), torch.inference_mode():
             for names in groups:
                 first = layer.targets[names[0]]
                 inputs = [
-                    run_until(layer.module, first, x, kw)
+                    run_until(layer.module, first, x.to(device), kw)
                     for x, kw in zip(chunks.parts, chunks.kwargs)
                 ]
                 self._group(layer, names, [layer.targets[n] for n in names], inputs, timer)
             parts = []
-            for x, kw in zip(chunks.parts, chunks.kwargs):
-                out = layer.module(x, **kw)
-                hidden = out[0] if isinstance(out, tuple) else out
-                self._check_outputs(layer, hidden)
-                parts.append(hidden)
-        layer.outputs = Chunks(parts, chunks.kwargs)
+            try:
+                for x, kw in zip(chunks.parts, chunks.kwargs):
+                    out = layer.module(x.to(device), **kw)
+                    hidden = out[0] if isinstance(out, tuple) else out
+                    self._check_outputs(layer, hidden)
+                    if sink is None:
+                        parts.append(hidden)
+                    else:
+                        sink.append(hidden)
+            except BaseException:
+                if sink is not None:
+                    sink.abort()
+                raise
+        layer.outputs = Chunks(parts, chunks.kwargs) if sink is None else sink.finish(chunks.kwargs)
         layer.state.tokens_calibrated = chunks.tokens
 
     def _check_outputs(self, layer: LayerRun, hidden: torch.Tensor) -> None:
@@ -362,7 +440,7 @@ class LayerLoop:
         if key not in self._group_cache:
             assert layer.inputs is not None
             if isinstance(layer.inputs, Chunks):
-                x, kwargs = layer.inputs.parts[0][:1], layer.inputs.kwargs[0]
+                x, kwargs = layer.inputs.parts[0][:1].to(self.ctx.device), layer.inputs.kwargs[0]
             else:
                 x, kwargs = layer.inputs[:1], layer.kwargs
             traced = trace_groups(layer.module, x, kwargs, layer.targets)

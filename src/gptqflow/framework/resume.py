@@ -53,6 +53,7 @@ from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.schema import Recipe
 from gptqflow.framework.stage import Stage
 from gptqflow.framework.state import LayerRun, PipelineState
+from gptqflow.modeling.spill import SpilledChunks
 
 log = logging.getLogger("gptqflow")
 
@@ -72,6 +73,7 @@ _NEUTRAL_RUNTIME = (
     "timeout_s",
     "nproc_per_node",
     "max_forward_tokens",  # the same result in any chunking
+    "max_hidden_bytes",  # hidden states in memory or in files: the same values
 )
 
 
@@ -167,8 +169,8 @@ def _save_tensors(path: Path, obj: Any) -> int:
     return _write(path, lambda f: torch.save(obj, f))
 
 
-def _load_tensors(path: Path, size: int) -> Any:
-    """Load a file the manifest names, after checking it is the size the manifest says."""
+def _check_size(path: Path, size: int) -> None:
+    """A file the manifest names must be the size the manifest says."""
     try:
         got = path.stat().st_size
     except OSError:
@@ -179,6 +181,11 @@ def _load_tensors(path: Path, size: int) -> Any:
             f"the resume point in {path.parent} is damaged: {path.name} {found}, its manifest "
             f"says {size} bytes; delete {path.parent} (or pass overwrite=true) to start over"
         )
+
+
+def _load_tensors(path: Path, size: int) -> Any:
+    """Load a file the manifest names, after checking its size."""
+    _check_size(path, size)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -336,6 +343,9 @@ class ResumePoints:
             entry = mine_entry["hidden"]
             mine = _load_tensors(self.dir / entry["file"], entry["bytes"])
             hidden = mine["hidden"]
+            if "spill" in entry:  # the hidden states are in a file beside it
+                _check_size(self.dir / entry["spill"]["file"], entry["spill"]["bytes"])
+                hidden = SpilledChunks.from_description(self.dir, hidden)
             state.tokens_calibrated = int(mine["tokens"])
             torch.set_rng_state(mine["rng"])
         return self.done, hidden
@@ -368,12 +378,18 @@ class ResumePoints:
         mine: dict[str, Any] = {"hidden": None, "fallbacks": state.fallbacks}
         if done < n_layers and layer.outputs is not None:
             name = f"hidden-{done:05d}-rank{ctx.rank:05d}.pt"
+            outputs = layer.outputs
+            spill = None
+            if isinstance(outputs, SpilledChunks):  # copied file to file, never into memory
+                spill = self._copy_spill(outputs, self.dir / name.replace(".pt", ".bin"))
             payload = {
-                "hidden": layer.outputs.cpu(),
+                "hidden": outputs.cpu() if spill is None else spill,
                 "tokens": state.tokens_calibrated,
                 "rng": torch.get_rng_state(),
             }
             mine["hidden"] = {"file": name, "bytes": _save_tensors(self.dir / name, payload)}
+            if spill is not None:
+                mine["hidden"]["spill"] = {"file": spill["file"], "bytes": spill["bytes"]}
         ranks = ctx.gather_objects(mine)  # also the barrier: every rank's file is on disk
         if ctx.is_main:
             manifest = {
@@ -400,10 +416,22 @@ class ResumePoints:
         self.done = done
         self.write_seconds += time.perf_counter() - start
 
+    @staticmethod
+    def _copy_spill(outputs: SpilledChunks, path: Path) -> dict[str, Any]:
+        try:
+            return outputs.copy_to(path)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise ResumeError(
+                f"cannot write the resume point file {path}: {exc}; free space there, or turn "
+                "resume points off with runtime.checkpoint_every=0"
+            ) from exc
+
     def _remove_unlisted(self, manifest: dict[str, Any]) -> None:
         """Drop the previous point's inputs and the files of any point never completed."""
         hidden = [r["hidden"] for r in manifest["ranks"] if r["hidden"] is not None]
-        keep = {MANIFEST} | {e["file"] for e in manifest["layers"] + hidden}
+        spilled = [h["spill"] for h in hidden if "spill" in h]
+        keep = {MANIFEST} | {e["file"] for e in manifest["layers"] + hidden + spilled}
         for path in self.dir.iterdir():
             if path.name not in keep:
                 path.unlink(missing_ok=True)

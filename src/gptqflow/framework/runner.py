@@ -159,6 +159,7 @@ class Runner:
         }
         # Calibration tokens of this rank (its samples x seq_len) once a layer used them.
         mine["tokens_calibrated"] = state.tokens_calibrated
+        mine["hidden_states"] = state.hidden_info or None
         try:
             ranks = self.ctx.gather_objects(mine) if error is None else [mine]
         except Exception:  # a peer is gone: report what this rank knows

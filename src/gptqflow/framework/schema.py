@@ -13,9 +13,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gptqflow.errors import GptqflowError
+from gptqflow.fileio import parse_size
 from gptqflow.framework.contracts import check_order
 from gptqflow.framework.registry import registered
 from gptqflow.framework.stage import StageConfig
@@ -202,6 +211,13 @@ class RuntimeGroup(_Group):
         "null = all of a rank's samples of one length at once.",
         json_schema_extra={"unit": "tokens"},
     )
+    max_hidden_bytes: str | None = Field(
+        None,
+        description="Most bytes of hidden states a rank keeps in memory between decoder layers "
+        "(500MB, 2GB, 1GiB ...); beyond it they go to files under output_dir/spill and each "
+        "layer runs over them a chunk at a time (max_forward_tokens, or what the budget "
+        "holds), with the same result; null = always in memory.",
+    )
     timeout_s: float = Field(
         600.0,
         gt=0,
@@ -220,6 +236,13 @@ class RuntimeGroup(_Group):
         description="Continue an interrupted run from its last resume point in output_dir "
         "(same recipe and world size).",
     )
+
+    @field_validator("max_hidden_bytes")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)  # raises ValueError with the allowed spellings
+        return value
 
 
 #: The config groups by name: ``recipes/<name>/`` holds a group's options (files), and

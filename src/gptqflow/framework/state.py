@@ -115,6 +115,9 @@ class PipelineState:
     # calibration tokens that went through the layer loop.
     layer_reports: list[dict[str, Any]] = field(default_factory=list)
     tokens_calibrated: int = 0
+    # This rank's hidden states between layers: their bytes and whether they went to a
+    # file (runtime.max_hidden_bytes), for report.json.
+    hidden_info: dict[str, Any] = field(default_factory=dict)
     progress: bool = False  # draw progress bars (rank 0 at a terminal)
     slots: Slots = field(default_factory=Slots)
 

@@ -62,33 +62,6 @@ from gptqflow.modeling.checkpoint import (
 log = logging.getLogger("gptqflow")
 
 
-def parse_size(text: str) -> int:
-    """``"2GB"`` -> 2·10⁹ bytes, ``"512MiB"`` -> 512·2²⁰ (the spelling transformers accepts)."""
-    units = {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "B": 1,
-    }
-    t = text.strip().upper()
-    for unit, factor in units.items():
-        if t.endswith(unit):
-            number = t[: -len(unit)].strip()
-            try:
-                value = float(number)
-            except ValueError:
-                break
-            if value > 0:
-                return int(value * factor)
-            break
-    raise ValueError(f"{text!r} is not a size such as 500MB, 2GB or 1GiB")
-
-
 # safetensors' on-disk names and the order its writer lays dtypes out in (largest first).
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.int64: "I64",

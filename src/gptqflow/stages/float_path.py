@@ -81,7 +81,7 @@ class FloatPathStage(Stage):
             ]
             try:
                 with per_sample_linears(layer.module), torch.inference_mode():
-                    out = layer.module(part, **kwargs)
+                    out = layer.module(part.to(ctx.device), **kwargs)
             finally:
                 for h in handles:
                     h.remove()

@@ -34,12 +34,13 @@ import torch
 from pydantic import Field, field_validator
 
 from gptqflow.errors import GptqflowError
+from gptqflow.fileio import parse_size
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.registry import register_stage
 from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import LayerRun, PipelineState
-from gptqflow.modeling.streaming import StreamingCheckpoint, parse_size
+from gptqflow.modeling.streaming import StreamingCheckpoint
 from gptqflow.modeling.structure import decoder_layers, target_linears
 
 
