@@ -89,7 +89,11 @@ def test_resume_may_turn_spilling_off(
 def test_an_unreadable_budget_is_refused(tiny_llama3_dir: Path, tmp_path: Path) -> None:
     resolved = compose_recipe(
         "gptq_w4a16",
-        [f"model.path={tiny_llama3_dir}", f"output_dir={tmp_path}", "runtime.max_hidden_bytes=lots"],
+        [
+            f"model.path={tiny_llama3_dir}",
+            f"output_dir={tmp_path}",
+            "runtime.max_hidden_bytes=lots",
+        ],
     )
     with pytest.raises(RecipeError) as info:
         validate_recipe(resolved)

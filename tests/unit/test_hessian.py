@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptqflow.gptq.hessian import HessianSum, hessian_update
+from gptqflow.gptq.hessian import STRIP, HessianSum, hessian_update
 
 
 def _chunks(n_chunks: int = 8, cols: int = 48, seed: int = 0) -> list[torch.Tensor]:
@@ -112,3 +112,17 @@ def test_only_the_upper_strips_are_accumulated_and_finalize_mirrors_them() -> No
         halves[i % 2].add(c)
     halves[0].merge(halves[1])
     assert torch.equal(halves[0].finalize(), acc.finalize())
+
+
+@pytest.mark.parametrize("cols", [5, 128, 300])
+def test_packed_sums_add_up_to_the_whole_sum(cols: int) -> None:
+    """What ranks send (the strips and the count) sums to what one rank accumulates."""
+    chunks = _chunks(8, cols, seed=cols)  # samples: each rank adds whole ones
+    one = _accumulate(chunks)
+    a, b = _accumulate(chunks[:3]), _accumulate(chunks[3:])
+    packed = a.packed() + b.packed()  # what the all-reduce computes
+    assert packed.numel() < cols * cols // 2 + STRIP * cols + 2
+    got = HessianSum.zeros(cols)
+    got.load_packed(packed)
+    assert got.count == one.count
+    assert torch.equal(got.finalize(), one.finalize())

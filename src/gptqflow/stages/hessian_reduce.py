@@ -3,8 +3,9 @@
 Requires: ``group.hessian`` (this rank's float64 sum and token count). Provides:
 ``group.reduced_hessian`` (float32, the global sum divided by the global token count)
 on every rank, and ``group.hessian`` becomes the global sum.
-Collectives: one asynchronous all-reduce of the sum and one of the token count, both
-issued before either is waited on. At world size 1 they are no-ops.
+Collectives: one all-reduce per group of the accumulated strips of the sum with the
+token count appended (``HessianSum.packed``: the lower triangle is never accumulated,
+so about half the bytes of the whole matrix). At world size 1 it is a no-op.
 
 ```yaml
 stages:
@@ -16,13 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.registry import register_stage
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun
-from gptqflow.gptq.hessian import HessianSum
 
 
 class HessianReduceStage(Stage):
@@ -31,14 +29,10 @@ class HessianReduceStage(Stage):
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
         local = group.hessian
         assert local is not None, "contracts: hessian-reduce requires group.hessian"
-        count = torch.tensor([local.count], dtype=torch.float64, device=local.sum.device)
-        total, h1 = ctx.all_reduce_sum(local.sum)
-        tokens, h2 = ctx.all_reduce_sum(count)
-        h1.wait()
-        h2.wait()
-        summed = HessianSum(total.to(local.sum.device), int(tokens.item()))
-        group.reduced_hessian = summed.finalize()
-        group.hessian = summed
+        total, handle = ctx.all_reduce_sum(local.packed())
+        handle.wait()
+        local.load_packed(total.to(local.sum.device))  # the global sum, in place
+        group.reduced_hessian = local.finalize()
 
 
 @register_stage("hessian-reduce", HessianReduceStage)
