@@ -106,3 +106,15 @@ def test_tokens_calibrated_is_summed_over_ranks(
         per_rank = [r["tokens_calibrated"] for r in report["ranks"]]
         assert per_rank == [6 // ws * 64] * ws  # 6 samples of 64 tokens, split evenly
         assert report["tokens_calibrated"] == sum(per_rank) == 6 * 64
+
+
+def test_int8_codes_and_act_order_travel_exactly(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The broadcast's other wire layouts: 8-bit codes (not nibbles) and act-order g_idx."""
+    extra = ("scheme=w8a16", "scheme.actorder=group", "scheme.group_size=32")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_at(1, tiny_llama_dir, one, *extra)
+    run_at(2, tiny_llama_dir, two, *extra)
+    a = (one / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == (two / "checkpoint" / "model.safetensors").read_bytes()
+    codes = read_quantized_codes(one / "checkpoint")
+    assert any(c.get("g_idx") is not None for c in codes.values()), "act-order groups were written"

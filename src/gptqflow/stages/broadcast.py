@@ -5,11 +5,12 @@ Provides: ``quantized``: the dequantized weights installed in the group's module
 the rest of the layer runs on them) and ``state.quantized[name]`` (codes, scales, zero
 points) for every module, on every rank. Keeps the codes of every finished layer in
 resume points and reinstalls them on resume.
-Collectives: per row slice, asynchronous broadcasts from its owner of the packed
-integers (int8 codes, scales, zero points, and the g_idx for act-order groups)
-plus its loss; all are issued before any is waited on. Dense float weights are
-never sent: every rank dequantizes the same integers with the same function, so
-all ranks hold bit-identical weights. At world size 1 nothing is sent.
+Collectives: per group, one asynchronous broadcast from each rank that owns slices
+of it: one byte buffer (``gptq/wire.py``) with all its slices' integers (codes two
+to a byte for 4-bit schemes, int8 otherwise; scales, zero points, loss and damping,
+and the g_idx for act-order groups); all are issued before any is waited on. Dense
+float weights are never sent: every rank dequantizes the same integers with the same
+function, so all ranks hold bit-identical weights. At world size 1 nothing is sent.
 
 ```yaml
 stages:
@@ -30,6 +31,7 @@ from gptqflow.framework.registry import register_stage
 from gptqflow.framework.schema import Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun, LayerRun
+from gptqflow.gptq import wire
 from gptqflow.gptq.quantizer import column_groups, dequantize, effective_group_size
 from gptqflow.gptq.types import QuantArgs, QuantResult
 
@@ -45,27 +47,32 @@ class BroadcastStage(Stage):
         cols = group.cols
         ng = cols // effective_group_size(cols, self.args)
         dtype = group.weights[0].dtype
-        received: dict[tuple[int, int], list[torch.Tensor]] = {}
-        handles: list[Handle] = []
+        by_owner: dict[int, list[Any]] = {}
         for s in group.plan:
-            if s.rank == ctx.rank:
-                r = group.results[(s.module, s.start)]
-                g = r.g_idx if r.g_idx is not None else torch.zeros(cols, dtype=torch.int32)
-                stats = torch.tensor([r.loss, r.damp], dtype=torch.float64)
-                parts = [r.qweight, r.scale.to(dtype), r.zero_point, g.to(torch.int32), stats]
+            by_owner.setdefault(s.rank, []).append(s)
+        sent: dict[int, tuple[torch.Tensor, list[wire.Field]]] = {}
+        handles: list[Handle] = []
+        for owner, slices in sorted(by_owner.items()):
+            fields = [f for s in slices for f in self._fields(s.rows, cols, ng, dtype)]
+            if owner == ctx.rank:
+                buf = wire.pack([t for s in slices for t in self._parts(group, s, dtype)])
             else:
-                parts = [
-                    torch.empty(s.rows, cols, dtype=torch.int8),
-                    torch.empty(s.rows, ng, dtype=dtype),
-                    torch.empty(s.rows, ng, dtype=torch.int8),
-                    torch.empty(cols, dtype=torch.int32),
-                    torch.empty(2, dtype=torch.float64),
-                ]
-            bufs, hs = ctx.broadcast_from(s.rank, parts)
-            received[(s.module, s.start)] = bufs
+                buf = torch.empty(sum(f.nbytes for f in fields), dtype=torch.uint8)
+            (arrived,), hs = ctx.broadcast_from(owner, [buf])
+            sent[owner] = (arrived, fields)
             handles += hs
         for h in handles:
             h.wait()
+        received: dict[tuple[int, int], list[torch.Tensor]] = {}
+        per_slice = len(self._fields(1, cols, ng, dtype))
+        for owner, slices in by_owner.items():
+            buf, fields = sent[owner]
+            parts = wire.unpack(buf.cpu(), fields)
+            for k, s in enumerate(slices):
+                mine = parts[k * per_slice : (k + 1) * per_slice]
+                if self._packs_codes:
+                    mine[0] = wire.from_nibbles(mine[0], cols)
+                received[(s.module, s.start)] = mine
         state = group.layer.state
         for m, (name, mod) in enumerate(zip(group.names, group.modules)):
             slices = sorted((s for s in group.plan if s.module == m), key=lambda s: s.start)
@@ -74,11 +81,43 @@ class BroadcastStage(Stage):
                 "qweight": torch.cat([p[0] for p in got]),
                 "scale": torch.cat([p[1] for p in got]),
                 "zero_point": torch.cat([p[2] for p in got]),
-                "g_idx": got[0][3] if self.args.actorder == "group" else None,
-                "loss": float(sum(float(p[4][0]) for p in got)),
-                "damp": max(float(p[4][1]) for p in got),
+                "g_idx": got[0][4] if self.args.actorder == "group" else None,
+                "loss": float(sum(float(p[3][0]) for p in got)),
+                "damp": max(float(p[3][1]) for p in got),
             }
             state.quantized[name] = install(mod, codes, self.args)
+
+    @property
+    def _packs_codes(self) -> bool:
+        return self.args.bits <= 4
+
+    def _fields(self, rows: int, cols: int, ng: int, dtype: torch.dtype) -> list[wire.Field]:
+        """What one slice sends: codes, scales, zero points, loss and damping, g_idx."""
+        fields = [
+            wire.nibble_field(rows, cols)
+            if self._packs_codes
+            else wire.Field((rows, cols), torch.int8),
+            wire.Field((rows, ng), dtype),
+            wire.Field((rows, ng), torch.int8),
+            wire.Field((2,), torch.float64),
+        ]
+        if self.args.actorder == "group":  # the column order of act-order groups
+            fields.append(wire.Field((cols,), torch.int32))
+        return fields
+
+    def _parts(self, group: GroupRun, s: Any, dtype: torch.dtype) -> list[torch.Tensor]:
+        r = group.results[(s.module, s.start)]
+        q = r.qweight.cpu()
+        parts = [
+            wire.nibbles(q) if self._packs_codes else q,
+            r.scale.cpu().to(dtype),
+            r.zero_point.cpu(),
+            torch.tensor([r.loss, r.damp], dtype=torch.float64),
+        ]
+        if self.args.actorder == "group":
+            assert r.g_idx is not None, "act-order groups come with their column order"
+            parts.append(r.g_idx.cpu().to(torch.int32))
+        return parts
 
     def after_layer(self, layer: LayerRun, ctx: DistContext) -> None:
         """The layer's summed GPTQ objective for report.json (None unless solve reports it)."""
