@@ -18,6 +18,7 @@ from gptqflow.gptq.cost import (
     relative_errors,
     sweep_features,
 )
+from gptqflow.gptq.hessian import HessianSum
 
 
 def synthetic(**overrides: float | str) -> CostModel:
@@ -88,22 +89,25 @@ def test_collectives_are_free_on_one_rank_and_grow_with_bytes() -> None:
 
 
 def test_byte_counts_match_what_the_stages_send() -> None:
-    """Independent count: build the buffers the broadcast stage sends and sum their sizes."""
+    """Independent count: build the buffers the stages send and sum their sizes."""
     rows, cols, group = 96, 512, 128
     ng = cols // group
     parts = [
-        torch.empty(rows, cols, dtype=torch.int8),  # codes
+        torch.empty(rows, cols // 2, dtype=torch.uint8),  # 4-bit codes, two per byte
         torch.empty(rows, ng, dtype=torch.bfloat16),  # scales
         torch.empty(rows, ng, dtype=torch.int8),  # zero points
-        torch.empty(cols, dtype=torch.int32),  # g_idx
         torch.empty(2, dtype=torch.float64),  # loss, damp
     ]
     sent = sum(t.numel() * t.element_size() for t in parts)
     assert qparam_bytes(rows, cols, group, scale_bytes=2) == sent
-    h = torch.empty(cols, cols, dtype=torch.float64)
-    count = torch.empty(1, dtype=torch.float64)
-    assert hessian_bytes(cols) == h.numel() * 8 + count.numel() * 8
-    assert qparam_bytes(rows, cols, -1) == rows * (cols + 3) + 4 * cols + 16
+    g_idx = cols * 4  # int32 column order, act-order groups only
+    assert qparam_bytes(rows, cols, group, act_order=True) == sent + g_idx
+    assert qparam_bytes(rows, cols, group, bits=8) == sent + rows * cols // 2
+    for c in (5, 512, 700):
+        h = HessianSum.zeros(c)
+        assert hessian_bytes(c) == h.packed().numel() * 8
+        assert hessian_bytes(c) <= (c * c // 2 + 64 * c + 1) * 8  # half, plus the strips' corners
+    assert qparam_bytes(rows, cols, -1) == rows * (cols // 2 + 3) + 16
 
 
 def test_fit_recovers_known_constants_from_synthetic_timings() -> None:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from gptqflow.gptq.cholesky import FACTOR_BLOCK
+from gptqflow.gptq.hessian import STRIP
 
 __all__ = [
     "CostModel",
@@ -217,22 +218,32 @@ class CostModel:
 
 # ---------------------------------------------------------------------- bytes on the wire
 def hessian_bytes(cols: int) -> int:
-    """A float64 Hessian sum (what hessian-reduce all-reduces), plus its token count."""
-    return cols * cols * 8 + 8
+    """What hessian-reduce all-reduces: the accumulated strips of the float64 sum and the
+    token count (:meth:`~gptqflow.gptq.hessian.HessianSum.packed`), about half of ``cols²``."""
+    values = sum((min(a + STRIP, cols) - a) * (cols - a) for a in range(0, cols, STRIP))
+    return (values + 1) * 8
 
 
 def qparam_bytes(
-    rows: int, cols: int, group_size: int = 128, scale_bytes: int = 2, slices: int = 1
+    rows: int,
+    cols: int,
+    group_size: int = 128,
+    scale_bytes: int = 2,
+    slices: int = 1,
+    *,
+    bits: int = 4,
+    act_order: bool = False,
 ) -> int:
     """What the broadcast stage sends for ``rows`` rows cut into ``slices`` slices.
 
-    Per row: int8 codes for every column, one scale (in the weight dtype, bf16: 2 bytes)
-    and one int8 zero point per quantization group. Per slice: the int32 g_idx
-    (``cols``) and two float64 stats (loss, dampening).
+    Per row: the codes (two per byte up to 4 bits, else one), one scale (in the weight
+    dtype, bf16: 2 bytes) and one int8 zero point per quantization group. Per slice:
+    two float64 stats (loss, dampening) and, for act-order groups, the int32 g_idx.
     """
     n_groups = 1 if group_size == -1 else cols // group_size
-    per_row = cols + n_groups * (scale_bytes + 1)
-    return rows * per_row + slices * (4 * cols + 16)
+    codes = (cols + 1) // 2 if bits <= 4 else cols
+    per_row = codes + n_groups * (scale_bytes + 1)
+    return rows * per_row + slices * (16 + (4 * cols if act_order else 0))
 
 
 # ---------------------------------------------------------------------- fitting
