@@ -140,7 +140,8 @@ class HessianSum:
         """The mean Hessian ``sum / count`` as float32 (the only division), symmetric."""
         if self.count <= 0:
             raise ValueError("no tokens were accumulated into this Hessian (count == 0)")
-        return (self.symmetric() / self.count).to(torch.float32)
+        # In place on the mirrored copy: one float64 matrix at a time, not two.
+        return self.symmetric().div_(self.count).to(torch.float32)
 
 
 def _strips(cols: int) -> list[tuple[int, int]]:
