@@ -92,6 +92,10 @@ class HessianSum:
             self.sum[start:stop, start:].add_(strip, alpha=2.0)
         self.count += tokens.shape[0]
 
+    def drop_scratch(self) -> None:
+        """Free the per-chunk product buffer once no more chunks come (``cols²`` float32)."""
+        self._scratch = None
+
     def merge(self, other: HessianSum) -> None:
         """Add another partial sum (e.g. from another rank) into this one."""
         if other.sum.shape != self.sum.shape:
