@@ -33,6 +33,7 @@ bar on rank 0 and writes resume points.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import time
@@ -113,6 +114,34 @@ def _dispose(layer: LayerRun) -> None:
     layer.groups.clear()
     layer.inputs = layer.outputs = None
     gc.collect()
+    _trim_heap()
+
+
+def _load_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, where the C library has it (Linux with glibc)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+_TRIM = _load_trim()
+
+
+def _trim_heap() -> None:
+    """Give the freed memory of a finished layer back to the OS.
+
+    Tensors of a few MB (a group's inputs, Hessian strips, collective buffers) are
+    served from malloc's arenas, not mapped one by one, and freed arena memory stays in
+    the process: with gloo's threads allocating in arenas of their own, a 2-rank run's
+    peak RSS grew by ~18 MB per layer (24 layers: 1.59 GiB against 1.38 GiB at 12),
+    while one rank stayed flat. ``malloc_trim`` returns the free pages of every arena
+    (a few milliseconds per layer).
+    """
+    if _TRIM is not None:
+        _TRIM()
 
 
 def _imbalance(seconds: list[float]) -> float:
