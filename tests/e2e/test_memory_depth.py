@@ -14,8 +14,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from helpers import make_tiny_llama
 
@@ -74,3 +76,29 @@ def test_whole_model_peak_grows_with_depth(models: dict[int, Path], tmp_path: Pa
     shallow = _peak(models[4], tmp_path / "e4", "eager")
     deep = _peak(models[16], tmp_path / "e16", "eager")
     assert deep - shallow > 0.5 * EXTRA, (shallow, deep)
+
+
+def test_a_layer_stage_peak_survives_the_loops_last_step(
+    tiny_llama3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop's stages report their layers' peak even when a stage (save) measures an
+    after_loop step afterwards, which resets the kernel's peak mark."""
+    from tests.e2e.test_resume import run
+
+    from gptqflow.stages.calibrate import CalibrateStage
+
+    big = 256 * 2**20
+    original = CalibrateStage.on_group
+
+    def heavy(self: CalibrateStage, group: Any, ctx: Any) -> None:
+        if group.layer.index == 1 and group.index == 0:
+            scratch = torch.ones(big // 4)  # every page touched
+            del scratch
+        original(self, group, ctx)
+
+    monkeypatch.setattr(CalibrateStage, "on_group", heavy)
+    report = run(tiny_llama3_dir, tmp_path / "out", "runtime.checkpoint_every=0")
+    stages = report["ranks"][0]["stages"]
+    assert "save" in stages, "save measures an after_loop step"
+    assert stages["calibrate"]["peak_rss_bytes"] >= stages["load"]["peak_rss_bytes"] + big * 0.9
+    assert report["ranks"][0]["peak_rss_bytes"] >= stages["calibrate"]["peak_rss_bytes"]

@@ -292,6 +292,8 @@ class LayerLoop:
             hidden = layer.outputs
             self.resume.after_layer(state, layer, self.stages, n_layers)
             _dispose(layer)
+        # The layers' peak, read before an after_loop measurement resets the kernel's mark.
+        rss, device = peak_rss(), self.clock.device_peak()
         for sid, stage in self.stages:
             if type(stage).after_loop is not Stage.after_loop:  # timed only where there is work
                 with self.clock.measure(sid):
@@ -304,7 +306,6 @@ class LayerLoop:
             )
         if self.resume.write_seconds:
             self.clock.add("resume-point", self.resume.write_seconds, 0)
-        rss, device = peak_rss(), self.clock.device_peak()
         for sid in (LOOP_KEY, *(sid for sid, _ in self.stages)):
             self.clock.add(sid, 0.0, rss, device)
 
