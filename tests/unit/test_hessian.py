@@ -126,3 +126,10 @@ def test_packed_sums_add_up_to_the_whole_sum(cols: int) -> None:
     got.load_packed(packed)
     assert got.count == one.count
     assert torch.equal(got.finalize(), one.finalize())
+
+
+@pytest.mark.parametrize("cols", [7, 2 * STRIP, 2 * STRIP + 44])
+def test_finalize_rounds_the_mirrored_float64_mean_once(cols: int) -> None:
+    """Strip by strip into float32 is the same bits as dividing the whole float64 matrix."""
+    acc = _accumulate(_chunks(6, cols, seed=cols))
+    assert torch.equal(acc.finalize(), (acc.symmetric() / acc.count).to(torch.float32))

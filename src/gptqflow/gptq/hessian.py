@@ -141,11 +141,22 @@ class HessianSum:
         return full
 
     def finalize(self) -> torch.Tensor:
-        """The mean Hessian ``sum / count`` as float32 (the only division), symmetric."""
+        """The mean Hessian ``sum / count`` as float32 (the only division), symmetric.
+
+        Built strip by strip straight into the float32 result: each value is divided in
+        float64 and rounded once, exactly as dividing the mirrored float64 matrix would,
+        without a second float64 matrix (the largest allocation of a wide layer).
+        """
         if self.count <= 0:
             raise ValueError("no tokens were accumulated into this Hessian (count == 0)")
-        # In place on the mirrored copy: one float64 matrix at a time, not two.
-        return self.symmetric().div_(self.count).to(torch.float32)
+        n = self.cols
+        out = torch.empty(n, n, dtype=torch.float32, device=self.sum.device)
+        for start, stop in _strips(n):
+            out[start:stop, start:] = self.sum[start:stop, start:] / self.count
+            out[stop:, start:stop] = out[start:stop, stop:].T
+            block = out[start:stop, start:stop]
+            block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
+        return out
 
 
 def _strips(cols: int) -> list[tuple[int, int]]:

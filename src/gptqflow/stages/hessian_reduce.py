@@ -34,6 +34,7 @@ class HessianReduceStage(Stage):
         total, handle = ctx.all_reduce_sum(local.packed())
         handle.wait()
         local.load_packed(total.to(local.sum.device))  # the global sum, in place
+        del total, handle  # the packed copy (half a float64 matrix) goes before the division
         group.reduced_hessian = local.finalize()
         group.hessian = None
 
