@@ -130,6 +130,7 @@ def main() -> None:
                         model, scratch / f"run-{layers}-{mode}-{world}", world, mode, args
                     )
                     peaks = [r["peak_rss_bytes"] for r in report["ranks"]]
+                    predicted = predict(model, world, args)
                     rows.append(
                         {
                             "layers": layers,
@@ -138,6 +139,8 @@ def main() -> None:
                             "ranks": world,
                             "peak_rss_bytes": peaks,
                             "sum_bytes": sum(peaks),
+                            # gptqflow plan's prediction for this config (rank 0, the others)
+                            "predicted_bytes": predicted,
                             "seconds": report["seconds"],
                             # each rank's peak RSS per stage id: which moment is the peak
                             "stage_peaks": [
@@ -157,14 +160,25 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=2))
 
 
+def predict(model: Path, world: int, args: argparse.Namespace) -> list[int]:
+    """``gptqflow plan``'s predicted peak per rank for this model and calibration."""
+    from gptqflow.planning import plan_report
+
+    memory = plan_report(
+        model / "config.json", [world], num_samples=args.num_samples, seq_len=args.seq_len
+    ).data["memory"][0]
+    return [memory["rank0"]["peak_bytes"]] + [memory["other_rank"]["peak_bytes"]] * (world - 1)
+
+
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     gib = 2**30
     lines = [
         f"{cpu_model()}, {visible_cores()} cores; calibration {args.num_samples} x {args.seq_len} "
         f"tokens, GPTQ W4A16 g128, {args.threads} thread(s) per rank, no evaluation",
         "",
-        "| layers | model GiB | weights | ranks | peak RSS per rank GiB | per rank / model | sum GiB | sum / model | run s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| layers | model GiB | weights | ranks | peak RSS per rank GiB | per rank / model | sum GiB "
+        "| sum / model | predicted per rank GiB (`gptqflow plan`) | run s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         size = r["model_bytes"]
@@ -173,7 +187,9 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {r['layers']} | {size / gib:.2f} | {r['mode']} | {r['ranks']} | "
             f"{', '.join(f'{p / gib:.2f}' for p in peaks)} | "
             f"{', '.join(f'{p / size:.3f}' for p in peaks)} | {r['sum_bytes'] / gib:.2f} | "
-            f"{r['sum_bytes'] / size:.3f} | {r['seconds']:.1f} |"
+            f"{r['sum_bytes'] / size:.3f} | "
+            f"{', '.join(f'{p / gib:.2f}' for p in r.get('predicted_bytes', []))} | "
+            f"{r['seconds']:.1f} |"
         )
     by = {(r["layers"], r["mode"], r["ranks"]): max(r["peak_rss_bytes"]) for r in rows}
     depths = sorted({r["layers"] for r in rows})

@@ -30,13 +30,16 @@ def test_each_moment_is_the_sum_of_its_tensors() -> None:
     h, v, tokens = 64, 1000, 300
     groups = [[(64, 64), (32, 64), (32, 64)], [(64, 64)], [(176, 64), (176, 64)], [(64, 176)]]
     got = predict_rank_memory(_model(), groups, tokens, base_bytes=0)
-    outside = (2 * v * h + h) * 4  # embeddings, head, final norm
     states = tokens * h * 4
     layer = (64 * 64 * 2 + 32 * 64 * 2 + 3 * 176 * 64 + 2 * 64) * 4  # q,o + k,v + mlp + norms
-    down = tokens * 176 * 4 + 176 * 176 * 8 + 3 * 176 * 176 * 4 + 3 * 64 * 176 * 4
-    assert got.capture == outside + states
+    # down_proj: inputs, the float64 upper strips (176 columns: rows 0-127 from their
+    # diagonal on, rows 128-175 likewise) and the token count, the float32 mean, and
+    # two float32 copies of the weights.
+    strips = 128 * 176 + 48 * 48
+    down = tokens * 176 * 4 + (strips + 1) * 8 + 176 * 176 * 4 + 2 * 64 * 176 * 4
+    assert got.capture == states
     assert got.layer == layer + 2 * states + down
-    assert got.finish == outside
+    assert got.finish == v * h * 4  # the largest outside tensor: embeddings or head
     assert got.peak == max(got.capture, got.layer, got.finish)
     assert predict_rank_memory(_model(), groups, tokens, main_rank=False, base_bytes=0).finish == 0
 

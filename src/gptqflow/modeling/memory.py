@@ -4,14 +4,16 @@ With streamed weights (``model.weights=stream``) a rank never holds the model: i
 peak is the largest of three moments, each a sum of tensors whose sizes follow from
 the config alone:
 
-* **capture** (before the first layer): the tensors outside the decoder layers
-  (embeddings, final norm, head: read for this step only) and the rank's hidden
-  states;
+* **capture** (before the first layer): the rank's hidden states (the embedding is
+  read through a mapping and only the rows of the calibration tokens are touched);
 * **layer** (the largest decoder layer): its weights, its input and output hidden
-  states, the largest group's inputs (every token of the rank, for the Hessian), the
-  group's float64 Hessian sum with the float32 copies the solve works on, and the
-  solve's working copies of the group's weights;
-* **finish** (rank 0, after the last layer): the tensors outside the layers again.
+  states, and the largest group's working set: its inputs (every token of the rank),
+  its Hessian (the float64 sum of the upper strips, half a float64 matrix, next to the
+  float32 mean it is divided into: ``hessian-reduce`` frees the sum afterwards, and
+  the solve's float32 mean plus its triangular factor are less) and two float32
+  copies of the group's weights (the solve's working copy and its result);
+* **finish** (rank 0, after the last layer): the largest tensor outside the layers
+  (``save`` reads, writes and drops them one at a time).
 
 plus what the process holds before any of it (Python, torch, transformers, the
 collectives: ``base_bytes``, measured once per machine). Activations inside one sample's
@@ -26,18 +28,16 @@ from typing import Any
 
 from torch import nn
 
+from gptqflow.gptq.cost import hessian_bytes
 from gptqflow.modeling.structure import decoder_layers
 
 #: Resident bytes of a rank before it reads any weight (Python, torch, transformers,
-#: gloo), measured on the 2-core x86_64 benchmark machine (report.json's ``load``
-#: stage peak of a streamed run, bench/memory.py).
-DEFAULT_BASE_BYTES = 600 * 2**20
+#: gloo), measured on the 2-core x86_64 benchmark machine: the smallest stage peak of
+#: a streamed run's report.json after the layer loop (bench/memory.py).
+DEFAULT_BASE_BYTES = 470 * 2**20
 
-# Working copies the solve makes of a group's cols x cols matrices (float32 Hessian,
-# its Cholesky factor and inverse) and of its rows x cols weights (working copy,
-# quantized result, error term).
-_HESSIAN_COPIES = 3
-_WEIGHT_COPIES = 3
+# Float32 copies of a group's rows x cols weights the solve holds at once.
+_WEIGHT_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -84,26 +84,23 @@ def predict_rank_memory(
     prefix, layers = decoder_layers(model)
     hidden = int(getattr(model.config, "hidden_size", 0))
     act = 4  # hidden states and group inputs are float32 or the model dtype; float32 bounds it
-    outside = _bytes(
-        {id(p): p for n, p in model.named_parameters() if not n.startswith(f"{prefix}.")}.values()
-    )
+    outside = [p for n, p in model.named_parameters() if not n.startswith(f"{prefix}.")]
     states = tokens_per_rank * hidden * act
     layer_weights = max(_bytes(layer.parameters()) for layer in layers)
     group_peak = 0
     for group in groups:
         cols = group[0][1]
         rows = sum(r for r, _ in group)
-        w_bytes = rows * cols * act
         group_peak = max(
             group_peak,
             tokens_per_rank * cols * act  # the group's inputs
-            + cols * cols * 8  # float64 Hessian sum
-            + _HESSIAN_COPIES * cols * cols * 4
-            + _WEIGHT_COPIES * w_bytes,
+            + hessian_bytes(cols)  # the float64 sum of the upper strips (+ token count)
+            + cols * cols * 4  # the float32 mean
+            + _WEIGHT_COPIES * rows * cols * act,
         )
     return MemoryPrediction(
         base=base_bytes,
-        capture=outside + states,
+        capture=states,
         layer=layer_weights + 2 * states + group_peak,
-        finish=outside if main_rank else 0,
+        finish=max((_bytes([p]) for p in outside), default=0) if main_rank else 0,
     )
