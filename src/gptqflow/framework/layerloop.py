@@ -356,6 +356,7 @@ class LayerLoop:
         for sid, stage in self.stages:
             with timer.time(sid):
                 stage.on_group(group, self.ctx)
+        _trim_heap()  # the group's temporaries (solve copies, Hessian buffers) go back now
 
     def _forward(self, layer: LayerRun, timer: _Timer) -> None:
         """The layer's forward over this rank's samples; each group's hooks at its first call.

@@ -238,6 +238,34 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> to
     return ((codes.to(dt) - zp.to(dt)) * scale.to(dt)).to(scale.dtype)
 
 
+#: Rows per band of :func:`dequantize_groups` (elementwise: any band gives the same bits).
+_DEQUANT_ROWS = 512
+
+
+def dequantize_groups(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zp: torch.Tensor,
+    groups: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`dequantize` of ``[rows, cols]`` codes with per-group ``[rows, n_groups]``
+    scales and zero points (``groups``: each column's group), a band of rows at a time.
+
+    Expanding the scales and zero points to every column of a wide module, then the
+    float temporaries of the product, would each be a ``rows x cols`` matrix; in bands
+    they are a few MB. ``out`` (e.g. a module's weight) receives the result in its own
+    dtype; by default a new tensor in the scale's dtype.
+    """
+    if out is None:
+        out = torch.empty(codes.shape, dtype=scale.dtype, device=codes.device)
+    for r0 in range(0, codes.shape[0], _DEQUANT_ROWS):
+        r1 = r0 + _DEQUANT_ROWS
+        band = dequantize(codes[r0:r1], scale[r0:r1][:, groups], zp[r0:r1][:, groups])
+        out[r0:r1].copy_(band.to(out.dtype))
+    return out
+
+
 def grouped_importance(importance: torch.Tensor, rows: int, group: int) -> torch.Tensor:
     """Column importance ``[cols]`` laid out like a weight's groups ``[rows * n_groups, group]``.
 
@@ -245,6 +273,10 @@ def grouped_importance(importance: torch.Tensor, rows: int, group: int) -> torch
     groups in turn, so group ``g`` of every row reads ``importance[g*group:(g+1)*group]``.
     """
     return importance.reshape(-1, group).repeat(rows, 1)
+
+
+#: Rows per band of :func:`quantization_loss`.
+_LOSS_ROWS = 1024
 
 
 def quantization_loss(
@@ -258,8 +290,14 @@ def quantization_loss(
     if hessian is None:
         return math.nan
     dt = work_dtype(weight.dtype) if hessian.dtype != torch.float64 else torch.float64
-    diff = weight.to(dt) - dequant.to(dt)
-    return float(((diff @ hessian.to(dt)) * diff).sum(dtype=torch.float64))
+    h = hessian.to(dt)
+    total = 0.0
+    # A band of rows at a time: the difference and its product with H are two more
+    # rows x cols matrices, as large as the weights of a wide module.
+    for r0 in range(0, weight.shape[0], _LOSS_ROWS):
+        diff = weight[r0 : r0 + _LOSS_ROWS].to(dt) - dequant[r0 : r0 + _LOSS_ROWS].to(dt)
+        total += float(((diff @ h) * diff).sum(dtype=torch.float64))
+    return total
 
 
 def rtn_quantize(

@@ -58,7 +58,7 @@ from gptqflow.gptq.numerics import all_finite
 from gptqflow.gptq.quantizer import (
     column_groups,
     compute_qparams,
-    dequantize,
+    dequantize_groups,
     effective_group_size,
     grouped_importance,
     quantization_loss,
@@ -306,15 +306,18 @@ def solve_rows(
     grid = _plan_grid(work, factor, args, group, weight.dtype)
 
     sweep_t = work.T.contiguous() if factor.perm is None else work.T[factor.perm]
+    del work  # each rows x cols float copy goes as soon as the next exists (a 2-3x peak)
     codes_t, scale_t, zp_t = _sweep(sweep_t, factor.to(dtype), grid, args, weight.dtype)
+    del sweep_t  # the residuals
 
     if factor.perm is not None:
         codes_t = codes_t[torch.argsort(factor.perm)]
     codes = codes_t[:, :rows].T.to(torch.int8).contiguous()
+    del codes_t
     scale = scale_t[:, :rows].T.to(weight.dtype).contiguous()
     zp = zp_t[:, :rows].T.to(torch.int8).contiguous()
-    groups = column_groups(cols, group, grid.g_idx, device=work.device)
-    dequant = dequantize(codes, scale[:, groups], zp[:, groups])
+    groups = column_groups(cols, group, grid.g_idx, device=weight.device)
+    dequant = dequantize_groups(codes, scale, zp, groups)
     return QuantResult(
         qweight=codes,
         scale=scale,

@@ -32,7 +32,7 @@ from gptqflow.framework.schema import Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun, LayerRun
 from gptqflow.gptq import wire
-from gptqflow.gptq.quantizer import column_groups, dequantize, effective_group_size
+from gptqflow.gptq.quantizer import column_groups, dequantize_groups, effective_group_size
 from gptqflow.gptq.types import QuantArgs, QuantResult
 
 
@@ -146,7 +146,7 @@ def install(module: nn.Module, codes: dict[str, Any], args: QuantArgs) -> QuantR
     q, scale, zp = (codes[k].to(device) for k in ("qweight", "scale", "zero_point"))
     g_idx = None if codes["g_idx"] is None else codes["g_idx"].to(device)
     groups = column_groups(weight.shape[1], args.group_size, g_idx, device=device)
-    weight.data.copy_(dequantize(q, scale[:, groups], zp[:, groups]).to(weight.dtype))
+    dequantize_groups(q, scale, zp, groups, out=weight.data)
     return QuantResult(
         qweight=q.cpu(),
         scale=scale.cpu(),

@@ -157,7 +157,9 @@ class SolveStage(Stage):
             if self.config.report_loss:
                 assert group.reduced_hessian is not None
                 part.loss = quantization_loss(
-                    w[offset : offset + s.rows], part.dequant, group.reduced_hessian
+                    w[offset : offset + s.rows],
+                    res.dequant[offset : offset + s.rows],
+                    group.reduced_hessian,
                 )
             group.results[(s.module, s.start)] = part
             offset += s.rows
@@ -238,13 +240,18 @@ def check_finite_result(group: GroupRun, mine: list[RowSlice], res: QuantResult)
 
 
 def _rows(res: QuantResult, start: int, stop: int) -> QuantResult:
-    """Rows ``[start, stop)`` of a stacked result (g_idx and damp are shared)."""
+    """Rows ``[start, stop)`` of a stacked result (g_idx and damp are shared).
+
+    Without the dequantized weights: broadcast installs every rank's rows from the
+    integers, and a float copy of each solved group kept until the layer ends is what
+    made a wide layer's peak grow group by group.
+    """
     return QuantResult(
         qweight=res.qweight[start:stop],
         scale=res.scale[start:stop],
         zero_point=res.zero_point[start:stop],
         g_idx=res.g_idx,
-        dequant=res.dequant[start:stop],
+        dequant=torch.empty(0, dtype=res.dequant.dtype),
         loss=float("nan"),
         damp=res.damp,
     )
