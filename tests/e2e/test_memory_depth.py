@@ -89,10 +89,12 @@ def test_a_layer_stage_peak_survives_the_loops_last_step(
 
     big = 256 * 2**20
     original = CalibrateStage.on_group
+    held: list[int] = []
 
     def heavy(self: CalibrateStage, group: Any, ctx: Any) -> None:
         if group.layer.index == 1 and group.index == 0:
             scratch = torch.ones(big // 4)  # every page touched
+            held.append(_rss())
             del scratch
         original(self, group, ctx)
 
@@ -100,5 +102,16 @@ def test_a_layer_stage_peak_survives_the_loops_last_step(
     report = run(tiny_llama3_dir, tmp_path / "out", "runtime.checkpoint_every=0")
     stages = report["ranks"][0]["stages"]
     assert "save" in stages, "save measures an after_loop step"
-    assert stages["calibrate"]["peak_rss_bytes"] >= stages["load"]["peak_rss_bytes"] + big * 0.9
+    assert held[0] >= big, "the allocation was resident"
+    # The kernel's per-thread RSS counters lag by up to a few hundred KB.
+    assert stages["calibrate"]["peak_rss_bytes"] >= held[0] - 2**20
     assert report["ranks"][0]["peak_rss_bytes"] >= stages["calibrate"]["peak_rss_bytes"]
+
+
+def _rss() -> int:
+    """This process's resident bytes now (Linux ``VmRSS``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
