@@ -51,7 +51,7 @@ from gptqflow.framework.contracts import LOOP_INPUTS
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.progress import LayerProgress
 from gptqflow.framework.stage import Stage
-from gptqflow.framework.state import GroupRun, LayerRun, PipelineState
+from gptqflow.framework.state import GroupRun, LayerRun, PipelineState, Slots
 from gptqflow.gptq.numerics import count_nonfinite
 from gptqflow.modeling.forward import (
     Chunks,
@@ -97,6 +97,19 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _release_group(group: GroupRun) -> None:
+    """Drop a group's tensors once every stage's ``on_group`` has run.
+
+    Its inputs, Hessians, results and slots (GPTAQ's cross term) are the group's
+    alone: what later hooks need is in ``state.quantized`` and the layer. Kept until
+    the layer ended, every group's float32 Hessian would add up on a wide layer (a
+    5632-column down_proj alone is 127 MB).
+    """
+    group.inputs = group.hessian = group.reduced_hessian = None
+    group.results.clear()
+    group.slots = Slots()
+
+
 def _dispose(layer: LayerRun) -> None:
     """Free a finished layer's per-group tensors now, not at some later collection.
 
@@ -108,8 +121,7 @@ def _dispose(layer: LayerRun) -> None:
     frees whatever a plugin's own state tied into a cycle.
     """
     for group in layer.groups:
-        group.inputs = group.hessian = group.reduced_hessian = None
-        group.results.clear()
+        _release_group(group)
         group.modules.clear()
     layer.groups.clear()
     layer.inputs = layer.outputs = None
@@ -356,6 +368,7 @@ class LayerLoop:
         for sid, stage in self.stages:
             with timer.time(sid):
                 stage.on_group(group, self.ctx)
+        _release_group(group)
         _trim_heap()  # the group's temporaries (solve copies, Hessian buffers) go back now
 
     def _forward(self, layer: LayerRun, timer: _Timer) -> None:
