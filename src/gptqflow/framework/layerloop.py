@@ -62,7 +62,8 @@ from gptqflow.modeling.forward import (
     trace_groups,
 )
 from gptqflow.modeling.spill import HiddenSpill, SpilledChunks, SpillWriter
-from gptqflow.modeling.structure import decoder_layers, target_linears
+from gptqflow.modeling.structure import decoder_layers, target_weights
+from gptqflow.modeling.targets import Target
 
 if TYPE_CHECKING:
     from gptqflow.framework.resume import ResumePoints
@@ -310,9 +311,9 @@ class LayerLoop:
             self.clock.add(sid, 0.0, rss, device)
 
     @staticmethod
-    def _targets(module: nn.Module, name: str, recipe: Any) -> dict[str, nn.Module]:
+    def _targets(module: nn.Module, name: str, recipe: Any) -> dict[str, Target]:
         scheme = recipe.scheme
-        return dict(target_linears(module, name, scheme.targets, scheme.ignore))
+        return target_weights(module, name, scheme.targets, scheme.ignore)
 
     def _process(self, layer: LayerRun, timer: _Timer) -> None:
         """One layer: before_layer hooks, the forward with group hooks, after_layer hooks."""
@@ -329,8 +330,8 @@ class LayerLoop:
             if self.needs_inputs:
                 self._forward(layer, timer)
             else:
-                for name, module in layer.targets.items():
-                    self._group(layer, [name], [module], None, timer)
+                for name, target in layer.targets.items():
+                    self._group(layer, [name], [target], None, timer)
             for sid, stage in self.stages:
                 with timer.time(sid):
                     stage.after_layer(layer, ctx)
@@ -347,7 +348,7 @@ class LayerLoop:
         self,
         layer: LayerRun,
         names: list[str],
-        modules: list[nn.Module],
+        modules: list[Target],
         inputs: torch.Tensor | list[torch.Tensor] | None,
         timer: _Timer,
     ) -> None:
@@ -380,7 +381,7 @@ class LayerLoop:
             layer.outputs = torch.cat(layer.outputs.parts)  # one length: a tensor again
             return
         groups = self._groups(layer)
-        group_of = {layer.targets[n]: gi for gi, g in enumerate(groups) for n in g}
+        group_of = {layer.targets[n].module: gi for gi, g in enumerate(groups) for n in g}
         done: set[int] = set()
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -425,7 +426,7 @@ class LayerLoop:
         device = self.ctx.device
         with per_sample_linears(layer.module), torch.inference_mode():
             for names in groups:
-                first = layer.targets[names[0]]
+                first = layer.targets[names[0]].module
                 inputs = [
                     run_until(layer.module, first, x.to(device), kw)
                     for x, kw in zip(chunks.parts, chunks.kwargs)

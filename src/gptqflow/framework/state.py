@@ -29,6 +29,7 @@ from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.types import QuantResult
 from gptqflow.modeling.forward import Chunks
+from gptqflow.modeling.targets import Target
 from gptqflow.modeling.weights import WeightStore
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ class LayerRun:
     index: int
     name: str  # module name, e.g. model.layers.3
     module: nn.Module
-    targets: dict[str, nn.Module]  # the modules to quantize, by full name
+    targets: dict[str, Target]  # the weights to quantize (modeling/targets.py), by full name
     # This rank's hidden states entering it: [n, seq, h] when its samples share one length,
     # else Chunks (equal-length batches, each with its own kwargs; rows of a dataset).
     inputs: torch.Tensor | Chunks | None = None
@@ -153,7 +154,7 @@ class GroupRun:
     layer: LayerRun
     index: int
     names: list[str]
-    modules: list[nn.Module]
+    modules: list[Target]  # the group's targets (a Linear, a Conv1D, an expert's slice)
     # This rank's input to the group: [n, seq, cols] when its samples share one length, else
     # a list with one [n_c, len_c, cols] tensor per chunk of equal-length samples (every
     # sample exactly once, the earlier groups of the layer already quantized); see
@@ -175,13 +176,8 @@ class GroupRun:
 
     @property
     def weights(self) -> list[torch.Tensor]:
-        """The modules' 2-D weights (out_features x in_features), in ``names`` order."""
-        out = []
-        for m in self.modules:
-            w = m.weight
-            assert isinstance(w, torch.Tensor), "a target module has a weight tensor"
-            out.append(w)
-        return out
+        """The targets' 2-D weights (out x in views of the model's parameters), in ``names`` order."""
+        return [t.weight for t in self.modules]
 
     @property
     def cols(self) -> int:

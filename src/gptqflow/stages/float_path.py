@@ -76,8 +76,8 @@ class FloatPathStage(Stage):
         for part, kwargs in zip(chunks.parts, chunks.kwargs):
             seen: dict[str, torch.Tensor] = {}
             handles = [
-                module.register_forward_pre_hook(_recorder(name, seen))
-                for name, module in layer.targets.items()
+                target.module.register_forward_pre_hook(_recorder(name, seen))
+                for name, target in layer.targets.items()
             ]
             try:
                 with per_sample_linears(layer.module), torch.inference_mode():
