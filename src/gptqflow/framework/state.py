@@ -110,6 +110,9 @@ class PipelineState:
         default_factory=lambda: {"baseline": None, "quantized": None}
     )
     checkpoint_dir: Path | None = None
+    # report.json "coverage": decoder parameters quantized, their fraction, and every
+    # targetable weight left in full precision with its reason (filled by the layer loop).
+    coverage: dict[str, Any] | None = None
     # Modules this rank rounded to nearest because GPTQ failed ({"layer", "module", "reason"}).
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     # Filled by the framework: per-layer entries of report.json, and this rank's
@@ -161,6 +164,9 @@ class GroupRun:
     # ``input_chunks``.
     inputs: torch.Tensor | list[torch.Tensor] | None = None
     hessian: HessianSum | None = None  # sum of 2·xᵀx (float64) and token count
+    # Calibration tokens that reached the group, all ranks (set with reduced_hessian): fewer
+    # than the calibration set for an MoE expert, which gets only the tokens routed to it.
+    tokens: int | None = None
     reduced_hessian: torch.Tensor | None = None  # float32, all ranks' sum / all tokens
     plan: list[RowSlice] = field(default_factory=list)  # who solves which rows
     # Every rank takes part in the factorisation (see gptqflow.gptq.plan).

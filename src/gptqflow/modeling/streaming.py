@@ -149,6 +149,7 @@ class StreamingCheckpoint:
         # target's kind and checkpoint module name.
         self.layout: CheckpointLayout | None = None
         self.kinds: dict[str, str] = {}
+        self.unpacked: set[str] = set()  # quantized targets written as dense values
         self.module_names: dict[str, str] = {}
         self.writer = writer  # rank 0 writes; the others only read the result
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial"
@@ -182,17 +183,29 @@ class StreamingCheckpoint:
         layout = self.layout = CheckpointLayout.of(model)
         self.ignore = layout.ignore_names([*self.ignore, *extra_ignore])
         self.qconfig = build_quantization_config(self.args, self.ignore, self.format)
+        unpacked = []
         for layer_targets in targets:
             for name, t in layer_targets.items():
                 self.kinds[name] = t.kind
                 self.module_names[name] = layout.module_name(t)
+                if not t.packable:
+                    self.unpacked.add(name)
+                    unpacked.append(name)
+        if unpacked and self.writer:
+            log.warning(
+                "%d quantized %s weights are written with their quantized values in the model's "
+                "dtype, not packed: compressed-tensors has no format for them (e.g. %s)",
+                len(unpacked),
+                sorted({self.kinds[n] for n in unpacked}),
+                unpacked[0],
+            )
         if not self.writer:
             return
         prefix, layers = decoder_layers(model)
         groups: list[dict[str, _Spec]] = []
         for i, layer in enumerate(layers):
             names = targets[i]
-            packed = {t.source for t in names.values()}
+            packed = {t.source for t in names.values() if t.packable}
             specs = {
                 disk: _Spec(v.dtype, shape)
                 for k, v in layer.state_dict().items()
@@ -200,7 +213,8 @@ class StreamingCheckpoint:
                 for disk, shape in layout.split_shapes(full, tuple(v.shape)).items()
             }
             for name, target in names.items():
-                specs.update(self._module_specs(self.module_names[name], target))
+                if target.packable:
+                    specs.update(self._module_specs(self.module_names[name], target))
             groups.append(specs)
         groups.append(
             {
@@ -296,7 +310,7 @@ class StreamingCheckpoint:
             for k, v in dense.items()
             for disk, t in layout.split(k, v).items()
         }
-        for name in sorted(quantized):
+        for name in sorted(set(quantized) - self.unpacked):
             tensors.update(
                 _module_tensors(
                     self.module_names[name], quantized[name], self.args, self.fmt, weights[name]
@@ -446,10 +460,8 @@ class StreamingCheckpoint:
         for name in names:
             full = f"{prefix}.{name}"
             module = full.removesuffix(".weight")
-            if full.endswith(".weight") and module in self.quantized:
-                w = self._dequantized(files, self.module_names.get(module, module), dtype)
-                # A Conv1D keeps its weight as [in, out]; its codes are [out, in].
-                out[name] = w.t().contiguous() if self.kinds.get(module) == "conv1d" else w
+            if full.endswith(".weight") and module in self.quantized - self.unpacked:
+                out[name] = self._dequantized(files, self.module_names.get(module, module), dtype)
             elif self.layout is not None and full in self.layout.pieces:
                 raise GptqflowError(
                     f"{full} is a fused parameter; reading it back from the checkpoint is not "

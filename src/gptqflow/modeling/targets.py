@@ -56,6 +56,9 @@ class Target:
     """One 2-D weight to quantize (see the module docstring for the kinds)."""
 
     kind: ClassVar[str]
+    #: compressed-tensors has a packed format for it that loaders read back; otherwise the
+    #: checkpoint holds its quantized (dequantized) values in the model's own dtype.
+    packable: ClassVar[bool] = True
     name: str
     module: nn.Module
     source: str
@@ -101,6 +104,7 @@ class Conv1DTarget(Target):
     """transformers' ``Conv1D`` (``y = x @ W + b`` with ``W: [in, out]``)."""
 
     kind = "conv1d"
+    packable = False  # no loader maps packed codes onto Conv1D's [in, out] weight
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name, self.module, self.source = name, module, f"{name}.weight"
@@ -393,3 +397,37 @@ def _check_whole_sources(selected: dict[str, Target], found: list[Target]) -> No
 def decoder_params(layer: nn.Module) -> int:
     """Every parameter of a decoder layer (the denominator of the quantized fraction)."""
     return sum(int(p.numel()) for p in layer.parameters())
+
+
+@dataclass
+class Coverage:
+    """How much of the decoder layers was quantized, and every targetable weight that was not.
+
+    Filled layer by layer by the layer loop; :meth:`summary` is ``coverage`` in
+    report.json. The fraction counts every parameter of the decoder layers (norms,
+    biases and routers included), so it says how much of the layers' weight memory
+    the quantized format holds.
+    """
+
+    decoder_params: int = 0
+    quantized_params: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    not_quantized: list[Excluded] = field(default_factory=list)
+
+    def add_layer(self, found: LayerTargets, layer_params: int, quantized: Sequence[str]) -> None:
+        self.decoder_params += layer_params
+        for name in quantized:
+            t = found.targets[name]
+            self.quantized_params += t.numel
+            self.by_kind[t.kind] = self.by_kind.get(t.kind, 0) + t.numel
+        self.not_quantized += found.excluded
+
+    def summary(self) -> dict[str, Any]:
+        total = self.decoder_params
+        return {
+            "decoder_params": total,
+            "quantized_params": self.quantized_params,
+            "quantized_fraction": self.quantized_params / total if total else 0.0,
+            "quantized_params_by_kind": dict(sorted(self.by_kind.items())),
+            "not_quantized": [e.as_dict() for e in self.not_quantized],
+        }

@@ -99,7 +99,8 @@ class SaveStage(Stage):
         state = layer.state
         self._drop_written(state)
         names = [n for n in layer.targets if n in state.quantized]
-        packed = {layer.targets[n].source for n in names}  # written as codes, not as floats
+        # written as codes, not as floats (a target with no packed format keeps its values)
+        packed = {layer.targets[n].source for n in names if layer.targets[n].packable}
         dense = {
             full: v
             for k, v in layer.module.state_dict().items()
