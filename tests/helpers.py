@@ -239,6 +239,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2_moe": {**_DENSE, **_MOE, "shared_expert_intermediate_size": 64},
     "deepseek_v3": {
         **_DENSE,
+        "num_key_value_heads": 4,  # MLA: as many key/value heads as query heads
         "n_routed_experts": 8,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 64,
