@@ -80,7 +80,9 @@ def test_moe_token_counts_and_fallbacks_match(
     moe_runs: dict[int, tuple[Path, dict[str, Any]]],
 ) -> None:
     one, two = moe_runs[1][1], moe_runs[2][1]
-    assert [r["expert_tokens"] for r in one["layers"]] == [r["expert_tokens"] for r in two["layers"]]
+    assert [r["expert_tokens"] for r in one["layers"]] == [
+        r["expert_tokens"] for r in two["layers"]
+    ]
     assert one["fallbacks"] == two["fallbacks"]
     assert one["fallbacks"], "min_tokens=24 leaves some expert with fewer tokens (choose another)"
     assert one["coverage"] == two["coverage"]

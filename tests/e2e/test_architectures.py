@@ -122,7 +122,9 @@ def test_moe_report_counts_tokens_per_expert(tiny_tokenizer_dir: Path, tmp_path:
         assert sorted(counts) == [f"mlp.experts.{e}" for e in range(8)]
         assert sum(counts.values()) == 2 * tokens
         for expert, n in counts.items():
-            names = {f"{layer_name(layer)}.{expert}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+            names = {
+                f"{layer_name(layer)}.{expert}.{p}" for p in ("gate_proj", "up_proj", "down_proj")
+            }
             assert (names <= fallbacks) == (n < 40), (expert, n)
             assert not (names & fallbacks) or n < 40
 
