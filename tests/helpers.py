@@ -278,7 +278,7 @@ def make_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).float().eval()
-        for name, p in model.named_parameters():  # routers start at zero in some classes
+        for p in model.parameters():  # routers start at zero in some classes
             if p.dim() >= 2 and float(p.detach().abs().max()) == 0.0:
                 torch.nn.init.normal_(p, std=0.02)
     model.save_pretrained(str(out_dir))

@@ -53,10 +53,10 @@ def _two_d_layer_weights(directory: Path) -> set[str]:
     out = set()
     for file in directory.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as f:
-            for k in f.keys():
-                if re.search(r"\.(layers|h)\.\d+\.", k) and k.endswith(".weight"):
-                    if len(f.get_slice(k).get_shape()) == 2 and not ROUTERS.match(k):
-                        out.add(k)
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                in_layer = re.search(r"\.(layers|h)\.\d+\.", k) and k.endswith(".weight")
+                if in_layer and len(f.get_slice(k).get_shape()) == 2 and not ROUTERS.match(k):
+                    out.add(k)
     return out
 
 
