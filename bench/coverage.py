@@ -111,7 +111,13 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="gptqflow-coverage-"))
     try:
         tokenizer = train_tiny_tokenizer(scratch / "tokenizer", FALLBACK_TEXT)
-        rows = [measure(a, scratch, tokenizer, ranks) for a in args.archs]
+        rows, failed = [], []
+        for arch in args.archs:
+            try:
+                rows.append(measure(arch, scratch, tokenizer, ranks))
+            except subprocess.CalledProcessError as exc:  # one architecture, not the table
+                tail = (exc.stderr or "").strip().splitlines()[-1:]
+                failed.append(f"{arch}: {' '.join(exc.cmd[:2])} failed: {tail}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"machine: {cpu_model()}, {visible_cores()} cores visible; ranks {ranks}")
@@ -134,6 +140,8 @@ def main() -> None:
             f"| {r['arch']} | {r['decoder_params']:,} | {r['fraction']:.1%} | "
             f"{r['linear_only']:.1%} | {kinds} | {left} | {reload} |{same}"
         )
+    for line in failed:
+        print(f"FAILED {line}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
