@@ -131,3 +131,12 @@ def test_moe_report_counts_tokens_per_expert(tiny_tokenizer_dir: Path, tmp_path:
 
 def layer_name(layer: dict[str, Any]) -> str:
     return f"model.layers.{layer['index']}"
+
+
+def test_gptaq_refuses_moe_experts(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """GPTAQ pairs float and quantized inputs sample for sample; routed experts cannot."""
+    from gptqflow.errors import GptqflowError
+
+    model = make_tiny_model(tmp_path / "model", "qwen3_moe", tiny_tokenizer_dir)
+    with pytest.raises(GptqflowError, match="use method=gptq for MoE models"):
+        run_tiny(model, tmp_path / "out", "method=gptaq")
