@@ -202,3 +202,84 @@ def with_chat_template(model_dir: Path, out_dir: Path) -> Path:
     data["chat_template"] = CHAT_TEMPLATE
     config.write_text(json.dumps(data, indent=2))
     return out_dir
+
+
+# ---------------------------------------------------------------------- other architectures
+# Tiny configs per transformers model_type (2 layers; widths divisible by group size 32).
+# MoE models get 8 experts, top-2, so some experts see few tokens on a short calibration.
+_DENSE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": _DENSE,
+    "mistral": _DENSE,
+    "qwen2": _DENSE,
+    "qwen3": {**_DENSE, "head_dim": 16},
+    "phi3": {**_DENSE, "num_key_value_heads": 4},
+    "gemma3_text": {**_DENSE, "head_dim": 16, "sliding_window": 32},
+    "gpt_neox": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    },
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    "qwen3_moe": {**_DENSE, **_MOE, "head_dim": 16},
+    "mixtral": {**_DENSE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "olmoe": {**_DENSE, "num_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {**_DENSE, **_MOE, "shared_expert_intermediate_size": 64},
+    "deepseek_v3": {
+        **_DENSE,
+        "num_key_value_heads": 4,  # MLA: as many key/value heads as query heads
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1,
+        "n_shared_experts": 1,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+}
+
+
+def make_tiny_model(
+    out_dir: Path, model_type: str, tokenizer_dir: Path, *, seed: int = 0, **overrides: Any
+) -> Path:
+    """A seeded float32 causal LM of ``model_type`` (``TINY_CONFIGS``) plus tokenizer, saved
+    with ``save_pretrained`` (so in the architecture's own checkpoint layout)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    fields: dict[str, Any] = {
+        **TINY_CONFIGS[model_type],
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **overrides,
+    }
+    config = AutoConfig.for_model(model_type, **fields)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _copy_files(tokenizer_dir, out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+        for p in model.parameters():  # routers start at zero in some classes
+            if p.dim() >= 2 and float(p.detach().abs().max()) == 0.0:
+                torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(str(out_dir))
+    return out_dir

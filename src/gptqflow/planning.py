@@ -3,7 +3,7 @@
 Ownership planning is a pure function of module shapes, the cost model and the world
 size (:mod:`gptqflow.gptq.plan`), so a model that does not fit this machine can still be
 planned at 512 ranks: its transformers config is built on the meta device (shapes only,
-no weights), the Linear modules of each decoder layer are grouped by the input they
+no weights), the targets of each decoder layer (modeling/targets.py) are grouped by the input they
 read, and every group is planned at each world size with our cost-based planner and
 with the column-count balancer that llm-compressor uses.
 
@@ -33,6 +33,7 @@ from gptqflow.gptq.plan import (
 )
 from gptqflow.modeling.memory import DEFAULT_BASE_BYTES, predict_rank_memory
 from gptqflow.modeling.structure import decoder_layers
+from gptqflow.modeling.targets import ExpertTarget, all_targets
 
 __all__ = [
     "DEFAULT_WORLD_SIZES",
@@ -129,20 +130,26 @@ def _load_config(source: str | Path | Mapping[str, Any]) -> tuple[Any, str]:
 
 
 def _group_linears(layer: nn.Module) -> list[GroupShape]:
-    """The layer's Linear modules, in forward order, grouped by the input they share."""
+    """The layer's targets (every kind, modeling/targets.py), in module order, grouped by the
+    input they share: the halves of one expert's fused gate/up read one input, as do the
+    Linears of a ``SHARED_INPUT`` row under one parent."""
     role = {name: i for i, names in enumerate(SHARED_INPUT) for name in names}
     groups: list[tuple[list[str], list[int], int, object]] = []
-    for name, mod in layer.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
+    found, _routers = all_targets(layer, "layer")
+    for t in found:
+        name = t.name.removeprefix("layer.")
+        rows, cols = t.shape
         parent, _, leaf = name.rpartition(".")
-        key = (parent, role[leaf]) if leaf in role else None
-        last = groups[-1] if groups else None
-        if key is not None and last is not None and last[3] == key and last[2] == mod.in_features:
-            last[0].append(name)
-            last[1].append(mod.out_features)
+        if isinstance(t, ExpertTarget):
+            key: object = ("expert", id(t.module))
         else:
-            groups.append(([name], [mod.out_features], mod.in_features, key))
+            key = (parent, role[leaf]) if leaf in role else None
+        last = groups[-1] if groups else None
+        if key is not None and last is not None and last[3] == key and last[2] == cols:
+            last[0].append(name)
+            last[1].append(rows)
+        else:
+            groups.append(([name], [rows], cols, key))
     return [GroupShape(tuple(n), tuple(r), c) for n, r, c, _ in groups]
 
 
@@ -169,7 +176,7 @@ def layer_groups(
         key = tuple(_group_linears(layer))
         kinds[key] = kinds.get(key, 0) + 1
     if not any(kinds):
-        raise GptqflowError(f"{label}: the decoder layers have no Linear modules to quantize")
+        raise GptqflowError(f"{label}: the decoder layers have no weights to quantize")
     return label, [(list(k), n) for k, n in kinds.items()]
 
 

@@ -99,7 +99,7 @@ def test_reference_lists_every_stage_and_key_with_default_and_unit() -> None:
     assert "| `dataset.seq_len` | int | `512` | tokens | Tokens per calibration sequence (" in md
     assert "| `dataset.path` | str \\| null | `null` |  |" in md
     assert "| `scheme.group_size` | -1 \\| 32 \\| 64 \\| 128 \\| 256 | `128` | columns |" in md
-    assert '    targets: list of str = ["re:.*"]  Linear modules' in text
+    assert '    targets: list of str = ["re:.*"]  Weights inside the decoder layers' in text
     assert "    timeout_s: float = 600.0 [seconds]  " in text
     assert "    dampening: float = 0.01 [fraction of mean diagonal]  " in text
     assert '| `subdir` | str | `"checkpoint"` |' in md

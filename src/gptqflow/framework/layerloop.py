@@ -62,7 +62,8 @@ from gptqflow.modeling.forward import (
     trace_groups,
 )
 from gptqflow.modeling.spill import HiddenSpill, SpilledChunks, SpillWriter
-from gptqflow.modeling.structure import decoder_layers, target_linears
+from gptqflow.modeling.structure import decoder_layers
+from gptqflow.modeling.targets import Coverage, LayerTargets, Target, decoder_params, layer_targets
 
 if TYPE_CHECKING:
     from gptqflow.framework.resume import ResumePoints
@@ -203,6 +204,10 @@ class LayerLoop:
             n in LOOP_INPUTS for _, s in self.stages for n in s.config.requires()
         )
         self._group_cache: dict[Any, list[list[str]]] = {}
+        # What each layer's targets are, and how much was quantized (report.json "coverage").
+        self.quantizes = any("quantized" in s.config.provides() for _, s in self.stages)
+        self.coverage = Coverage()
+        self._found: dict[int, LayerTargets] = {}
         self.n_layers = 0
         self._kept = 0  # changed layers that could not be released (streamed weights)
         self.spill: HiddenSpill | None = None  # hidden states in files (runtime.max_hidden_bytes)
@@ -288,13 +293,14 @@ class LayerLoop:
                 index,
                 f"{prefix}.{index}",
                 layers[index],
-                self._targets(layers[index], f"{prefix}.{index}", recipe),
+                self._targets(layers[index], f"{prefix}.{index}", recipe, index),
                 inputs=hidden,
                 kwargs=kwargs,
             )
             timer = _Timer(self.clock.sync)
             start = time.perf_counter()
             self._process(layer, timer)
+            self._account(layer)
             seconds = time.perf_counter() - start
             self.clock.add(LOOP_KEY, seconds - timer.total(), 0)
             for sid, (wall, _) in timer.seconds.items():
@@ -310,6 +316,8 @@ class LayerLoop:
             if type(stage).after_loop is not Stage.after_loop:  # timed only where there is work
                 with self.clock.measure(sid):
                     stage.after_loop(state, ctx)
+        if self.quantizes:
+            state.coverage = self.coverage.summary()
         if self._kept:
             log.warning(
                 "%d changed decoder layer(s) stay in memory: no stage of the loop wrote them "
@@ -321,10 +329,26 @@ class LayerLoop:
         for sid in (LOOP_KEY, *(sid for sid, _ in self.stages)):
             self.clock.add(sid, 0.0, rss, device)
 
-    @staticmethod
-    def _targets(module: nn.Module, name: str, recipe: Any) -> dict[str, nn.Module]:
+    def _targets(self, module: nn.Module, name: str, recipe: Any, index: int) -> dict[str, Target]:
+        """The layer's targets (modeling/targets.py); what is left out is kept for the report."""
         scheme = recipe.scheme
-        return dict(target_linears(module, name, scheme.targets, scheme.ignore))
+        found = self._found[index] = layer_targets(module, name, scheme.targets, scheme.ignore)
+        return found.targets
+
+    def _account(self, layer: LayerRun) -> None:
+        """Count the layer's quantized weights; a target left unquantized without a reason is
+        an error (a stage that quantizes must quantize every target, or fall back and say so)."""
+        found = self._found.pop(layer.index)
+        if not self.quantizes:
+            return
+        quantized = layer.state.quantized
+        left = [n for n in layer.targets if n not in quantized]
+        if left:
+            raise GptqflowError(
+                f"layer {layer.index} ({layer.name}): {len(left)} targeted weight(s) were not "
+                f"quantized and no stage said why (e.g. {left[:3]})"
+            )
+        self.coverage.add_layer(found, decoder_params(layer.module), list(layer.targets))
 
     def _process(self, layer: LayerRun, timer: _Timer) -> None:
         """One layer: before_layer hooks, the forward with group hooks, after_layer hooks."""
@@ -341,8 +365,8 @@ class LayerLoop:
             if self.needs_inputs:
                 self._forward(layer, timer)
             else:
-                for name, module in layer.targets.items():
-                    self._group(layer, [name], [module], None, timer)
+                for name, target in layer.targets.items():
+                    self._group(layer, [name], [target], None, timer)
             for sid, stage in self.stages:
                 with timer.time(sid):
                     stage.after_layer(layer, ctx)
@@ -359,7 +383,7 @@ class LayerLoop:
         self,
         layer: LayerRun,
         names: list[str],
-        modules: list[nn.Module],
+        modules: list[Target],
         inputs: torch.Tensor | list[torch.Tensor] | None,
         timer: _Timer,
     ) -> None:
@@ -394,7 +418,7 @@ class LayerLoop:
             layer.outputs = torch.cat(layer.outputs.parts)  # one length: a tensor again
             return
         groups = self._groups(layer)
-        group_of = {layer.targets[n]: gi for gi, g in enumerate(groups) for n in g}
+        group_of = {layer.targets[n].module: gi for gi, g in enumerate(groups) for n in g}
         done: set[int] = set()
 
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -439,7 +463,7 @@ class LayerLoop:
         device = self.ctx.device
         with per_sample_linears(layer.module), torch.inference_mode():
             for names in groups:
-                first = layer.targets[names[0]]
+                first = layer.targets[names[0]].module
                 inputs = [
                     run_until(layer.module, first, x.to(device), kw)
                     for x, kw in zip(chunks.parts, chunks.kwargs)
@@ -500,10 +524,12 @@ class LayerLoop:
                 state.weights.mark_changed(index)
             module = decoder_layers(state.model)[1][index]
             name = f"{prefix}.{index}"
-            layer = LayerRun(state, index, name, module, self._targets(module, name, state.recipe))
+            targets = self._targets(module, name, state.recipe, index)
+            layer = LayerRun(state, index, name, module, targets)
             for sid, stage in self.stages:
                 if sid in saved:
                     stage.restore_layer(layer, saved[sid], self.ctx)
+            self._account(layer)
             self._release(state, index)
 
         return restore

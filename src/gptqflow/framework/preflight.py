@@ -13,7 +13,7 @@ from pathlib import Path
 from gptqflow.errors import GptqflowError
 from gptqflow.framework.schema import Problem, Recipe, RecipeError
 from gptqflow.modeling.modeldir import check_architecture, check_model_dir
-from gptqflow.modeling.structure import group_size_problems, linear_shapes, read_model_config
+from gptqflow.modeling.structure import group_size_problems, read_model_config, target_shapes
 from gptqflow.modeling.text import dataset_file_problem, read_text
 
 
@@ -35,13 +35,18 @@ def model_problems(recipe: Recipe, *, require_model: bool) -> list[Problem]:
             )
         else:
             check_architecture(path, read_model_config(path), trust_remote_code=m.trust_remote_code)
-        shapes = linear_shapes(path, scheme.targets, scheme.ignore, m.trust_remote_code)
+        shapes = target_shapes(path, scheme.targets, scheme.ignore, m.trust_remote_code)
     except GptqflowError as exc:
         return [Problem("model.path", str(exc))]
     except Exception as exc:  # transformers cannot build it: unsupported architecture etc.
         return [Problem("model.path", f"cannot build the model from {path}/config.json: {exc}")]
     if not shapes:
-        return [Problem("scheme.targets", "no Linear module in the decoder layers matches")]
+        return [
+            Problem(
+                "scheme.targets",
+                "no weight in the decoder layers matches (Linear, Conv1D or expert)",
+            )
+        ]
     return [
         Problem("scheme.group_size", msg) for msg in group_size_problems(shapes, scheme.group_size)
     ]

@@ -192,6 +192,9 @@ class Runner:
             "resumed_after_layers": self.resume.resumed_after,
             # Modules rounded to nearest instead of GPTQ (solve on_failure: rtn), from every rank.
             "fallbacks": merge_fallbacks(x["fallbacks"] for x in ranks),
+            # Decoder parameters quantized (and their fraction); targetable weights left
+            # in full precision, each with its reason (modeling/targets.py).
+            "coverage": state.coverage,
             "ranks": ranks,
             "bytes_communicated": self.ctx.bytes_sent,
             "torch_threads": torch.get_num_threads(),
@@ -219,6 +222,11 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  calibrated:  {report.get('tokens_calibrated', 0):,} tokens (all ranks)",
         f"  peak memory: {peak:.2f} GiB (largest rank)",
     ]
+    if cov := report.get("coverage"):
+        lines.append(
+            f"  quantized:   {cov['quantized_fraction']:.1%} of the decoder parameters "
+            f"({len(cov['not_quantized'])} targetable weight(s) left out: report.json coverage)"
+        )
     if report.get("fallbacks"):
         lines.append(
             f"  fallbacks:   {len(report['fallbacks'])} module(s) rounded to nearest instead of "

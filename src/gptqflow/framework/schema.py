@@ -149,8 +149,8 @@ class SchemeGroup(_Group):
     )
     targets: list[str] = Field(
         default_factory=lambda: ["re:.*"],
-        description="Linear modules inside the decoder layers to quantize: names, suffixes or "
-        "re:<regex>.",
+        description="Weights inside the decoder layers to quantize (Linears, Conv1Ds, MoE "
+        "experts' gate_proj/up_proj/down_proj; docs/models.md): names, suffixes or re:<regex>.",
     )
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],

@@ -29,6 +29,7 @@ from gptqflow.gptq.hessian import HessianSum
 from gptqflow.gptq.plan import RowSlice
 from gptqflow.gptq.types import QuantResult
 from gptqflow.modeling.forward import Chunks
+from gptqflow.modeling.targets import Target
 from gptqflow.modeling.weights import WeightStore
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class PipelineState:
         default_factory=lambda: {"baseline": None, "quantized": None}
     )
     checkpoint_dir: Path | None = None
+    # report.json "coverage": decoder parameters quantized, their fraction, and every
+    # targetable weight left in full precision with its reason (filled by the layer loop).
+    coverage: dict[str, Any] | None = None
     # Modules this rank rounded to nearest because GPTQ failed ({"layer", "module", "reason"}).
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     # Filled by the framework: per-layer entries of report.json, and this rank's
@@ -134,7 +138,7 @@ class LayerRun:
     index: int
     name: str  # module name, e.g. model.layers.3
     module: nn.Module
-    targets: dict[str, nn.Module]  # the modules to quantize, by full name
+    targets: dict[str, Target]  # the weights to quantize (modeling/targets.py), by full name
     # This rank's hidden states entering it: [n, seq, h] when its samples share one length,
     # else Chunks (equal-length batches, each with its own kwargs; rows of a dataset).
     inputs: torch.Tensor | Chunks | None = None
@@ -153,13 +157,16 @@ class GroupRun:
     layer: LayerRun
     index: int
     names: list[str]
-    modules: list[nn.Module]
+    modules: list[Target]  # the group's targets (a Linear, a Conv1D, an expert's slice)
     # This rank's input to the group: [n, seq, cols] when its samples share one length, else
     # a list with one [n_c, len_c, cols] tensor per chunk of equal-length samples (every
     # sample exactly once, the earlier groups of the layer already quantized); see
     # ``input_chunks``.
     inputs: torch.Tensor | list[torch.Tensor] | None = None
     hessian: HessianSum | None = None  # sum of 2·xᵀx (float64) and token count
+    # Calibration tokens that reached the group, all ranks (set with reduced_hessian): fewer
+    # than the calibration set for an MoE expert, which gets only the tokens routed to it.
+    tokens: int | None = None
     reduced_hessian: torch.Tensor | None = None  # float32, all ranks' sum / all tokens
     plan: list[RowSlice] = field(default_factory=list)  # who solves which rows
     # Every rank takes part in the factorisation (see gptqflow.gptq.plan).
@@ -175,13 +182,8 @@ class GroupRun:
 
     @property
     def weights(self) -> list[torch.Tensor]:
-        """The modules' 2-D weights (out_features x in_features), in ``names`` order."""
-        out = []
-        for m in self.modules:
-            w = m.weight
-            assert isinstance(w, torch.Tensor), "a target module has a weight tensor"
-            out.append(w)
-        return out
+        """The targets' 2-D weights (out x in views of the model's parameters), in ``names`` order."""
+        return [t.weight for t in self.modules]
 
     @property
     def cols(self) -> int:

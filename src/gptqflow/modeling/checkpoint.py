@@ -32,10 +32,13 @@ activation-quantization format there and W8A16 in it raises). ``int-quantized``
 (plain int8 ``weight``) can be forced with ``format=``; transformers loads it,
 vLLM does not.
 
-Not covered: checkpoints over a few GB in one file (pass ``max_shard_bytes``),
-sharded/offloaded models (everything is materialized on CPU), models whose
+Not covered by :func:`write_compressed_checkpoint` (the one-shot writer): checkpoints
+over a few GB in one file (pass ``max_shard_bytes``), sharded/offloaded models
+(everything is materialized on CPU), targets other than ``nn.Linear`` and models whose
 transformers class renames weights on load (``_weight_conversions``): tensors are
-written under ``model.state_dict()`` names.
+written under ``model.state_dict()`` names. The streaming writer the ``save`` stage uses
+(:mod:`gptqflow.modeling.streaming`) handles every target kind and writes the
+architecture's own layout (:mod:`gptqflow.modeling.layout`).
 
 The writer knows nothing of ranks: the stage that calls it runs it on the main
 rank only.

@@ -8,8 +8,8 @@ same input (they share one Hessian) without hard-coding any architecture.
 
 from __future__ import annotations
 
-import types
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, overload
@@ -19,6 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptqflow.errors import GptqflowError
+from gptqflow.modeling.targets import (
+    FusedExperts,
+    Target,
+    conv1d_type,
+    fused_experts,
+    is_fused_experts,
+    plain_linear,
+    unsupported_experts,
+)
 
 
 class _StopForward(Exception):
@@ -169,36 +178,135 @@ def run_until(
     return got[0]
 
 
-def _per_sample_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _split_samples(x: torch.Tensor, shape: Mapping[str, int]) -> list[torch.Tensor] | None:
+    """``x`` cut into one piece per calibration sample, or None when it is one already.
+
+    A ``[n, seq, ...]`` tensor is cut along its first dimension; a 2-D ``[n * seq, ...]``
+    tensor (tokens flattened by an MoE block) into runs of ``seq`` rows, ``seq`` being
+    the length the decoder layer was called with.
+    """
+    if x.dim() >= 3:
+        return None if x.shape[0] == 1 else list(x.split(1))
+    n, seq = shape.get("n", 1), shape.get("seq", 0)
+    if x.dim() == 2 and n > 1 and seq > 0 and x.shape[0] == n * seq:
+        return list(x.split(seq))
+    return None
+
+
+def _cat_outputs(outs: list[Any]) -> Any:
+    """Per-sample outputs joined along the first dimension (tensors, or tuples of them)."""
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return type(outs[0])(torch.cat(parts) for parts in zip(*outs))
+
+
+def _per_sample_linear(
+    module: nn.Linear, shape: Mapping[str, int], x: torch.Tensor
+) -> torch.Tensor:
     """``F.linear`` one sample at a time: results independent of how many samples a rank holds."""
-    if x.dim() < 3 or x.shape[0] == 1:
-        return F.linear(x, self.weight, self.bias)
-    return torch.cat([F.linear(x[i : i + 1], self.weight, self.bias) for i in range(x.shape[0])])
+    parts = _split_samples(x, shape)
+    if parts is None:
+        return F.linear(x, module.weight, module.bias)
+    return torch.cat([F.linear(p, module.weight, module.bias) for p in parts])
+
+
+def _per_sample_call(
+    forward: Callable[..., Any], shape: Mapping[str, int], x: torch.Tensor, *args: Any
+) -> Any:
+    """A module's own forward one sample at a time (Conv1D, routers)."""
+    parts = _split_samples(x, shape)
+    if parts is None:
+        return forward(x, *args)
+    return _cat_outputs([forward(p, *args) for p in parts])
+
+
+def _experts_forward(
+    seam: FusedExperts,
+    shape: Mapping[str, int],
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """transformers' fused experts forward, through one :class:`ExpertProjection` per expert.
+
+    The same arithmetic as the standard experts forward (``act(gate) * up``, ``down``,
+    times the routing weight, added per token), with three differences that make it the
+    seam the layer loop needs: every expert is called, also one that no token chose (so
+    each expert's group forms, with zero tokens); each expert's rows are the tokens routed
+    to it in token order; and every matmul and activation runs per calibration sample, so
+    a rank's results do not depend on the other samples it holds.
+    """
+    act: Callable[[torch.Tensor], torch.Tensor] = seam.module.act_fn  # type: ignore[assignment]
+    final = torch.zeros_like(hidden_states)
+    seq = shape.get("seq", 0)
+    tokens = hidden_states.shape[0]
+    per_sample = seq > 0 and tokens % seq == 0 and tokens > seq
+    n = tokens // seq if per_sample else 1
+    for e in range(seam.num_experts):
+        token_idx, top_k_pos = torch.where(top_k_index == e)  # tokens ascending
+        x = hidden_states[token_idx]
+        sizes = torch.bincount(token_idx // seq, minlength=n).tolist() if per_sample else None
+        gate, up = seam.gate_up[e](x, sizes).chunk(2, dim=-1)
+        if sizes is None:
+            h = act(gate) * up
+        else:
+            h = torch.cat([act(g) * u for g, u in zip(gate.split(sizes), up.split(sizes))])
+        out = seam.down[e](h, sizes)
+        out = out * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
 
 
 @contextmanager
 def per_sample_linears(layer: nn.Module) -> Iterator[None]:
-    """Make every Linear of ``layer`` compute sample by sample while the context is open."""
-    linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-    for m in linears:
-        m.forward = types.MethodType(_per_sample_forward, m)  # type: ignore[method-assign]
+    """While open, ``layer`` computes every matmul one calibration sample at a time.
+
+    Plain Linears, Conv1Ds and routers compute sample by sample (an MoE block's
+    flattened ``[n * seq, h]`` tokens are cut back into samples using the length the
+    layer was called with); fused experts run through their per-expert seams
+    (:func:`_experts_forward`), which the layer loop hooks like Linears.
+    """
+    shape: dict[str, int] = {}
+
+    def note(_mod: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        x = args[0] if args else kw["hidden_states"]
+        shape["n"], shape["seq"] = int(x.shape[0]), int(x.shape[1]) if x.dim() >= 3 else 0
+
+    conv1d = conv1d_type()
+    patched: list[nn.Module] = []
+    for m in layer.modules():
+        if plain_linear(m):
+            m.forward = functools.partial(_per_sample_linear, m, shape)  # type: ignore[method-assign,arg-type]
+        elif (conv1d is not None and isinstance(m, conv1d)) or "Router" in type(m).__name__:
+            m.forward = functools.partial(_per_sample_call, m.forward, shape)  # type: ignore[method-assign]
+        elif is_fused_experts(m) and unsupported_experts(m) is None:
+            m.forward = functools.partial(_experts_forward, fused_experts(m), shape)  # type: ignore[method-assign]
+        else:
+            continue
+        patched.append(m)
+    handle = layer.register_forward_pre_hook(note, with_kwargs=True)
     try:
         yield
     finally:
-        for m in linears:
+        handle.remove()
+        for m in patched:
             del m.forward
 
 
 def trace_groups(
-    layer: nn.Module, x: torch.Tensor, kwargs: Mapping[str, Any], linears: Mapping[str, nn.Module]
+    layer: nn.Module, x: torch.Tensor, kwargs: Mapping[str, Any], targets: Mapping[str, Target]
 ) -> list[list[str]]:
-    """Group the targeted Linears by the tensor they read, in the order the forward calls them.
+    """Group the targets by the tensor they read, in the order the forward calls them.
 
-    Modules called on the same input tensor object (q/k/v on the normed hidden
-    states, gate/up on the normed residual) share one Hessian. Found by running the
-    layer once on one sample with pre-hooks, so no architecture is hard-coded.
+    Targets called on the same input tensor object (q/k/v on the normed hidden
+    states, gate/up on the normed residual, the gate and up halves of one expert's
+    fused projection) share one Hessian. Found by running the layer once on one
+    sample with pre-hooks on the targets' modules (under :func:`per_sample_linears`,
+    so fused experts call their per-expert seams), so no architecture is hard-coded.
     """
-    by_module: dict[nn.Module, str] = {m: n for n, m in linears.items()}
+    by_module: dict[nn.Module, list[str]] = {}
+    for name, t in targets.items():
+        by_module.setdefault(t.module, []).append(name)
     seen: dict[int, list[str]] = {}
     order: list[int] = []
     keep: list[torch.Tensor] = []  # keep inputs alive so their ids cannot be reused
@@ -209,17 +317,17 @@ def trace_groups(
         if key not in seen:
             seen[key] = []
             order.append(key)
-        seen[key].append(by_module[mod])
+        seen[key].extend(n for n in by_module[mod] if n not in seen[key])
 
-    handles = [m.register_forward_pre_hook(note) for m in linears.values()]
+    handles = [m.register_forward_pre_hook(note) for m in by_module]
     try:
-        with torch.inference_mode():
+        with per_sample_linears(layer), torch.inference_mode():
             layer(x, **kwargs)
     finally:
         for h in handles:
             h.remove()
     groups = [seen[k] for k in order]
-    missing = set(linears) - {n for g in groups for n in g}
+    missing = set(targets) - {n for g in groups for n in g}
     if missing:
         raise GptqflowError(
             f"targeted modules never called in the layer forward: {sorted(missing)}"

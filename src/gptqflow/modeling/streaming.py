@@ -38,7 +38,6 @@ import torch
 from compressed_tensors.compressors import unpack_from_int32
 from compressed_tensors.config import CompressionFormat
 from safetensors import safe_open
-from torch import nn
 
 from gptqflow.errors import GptqflowError
 from gptqflow.gptq.quantizer import column_groups, dequantize
@@ -58,6 +57,8 @@ from gptqflow.modeling.checkpoint import (
     _tied_targets,
     build_quantization_config,
 )
+from gptqflow.modeling.layout import CheckpointLayout
+from gptqflow.modeling.targets import Target
 
 log = logging.getLogger("gptqflow")
 
@@ -141,8 +142,15 @@ class StreamingCheckpoint:
         self.ignore = list(ignore)
         self.max_shard_bytes = max_shard_bytes
         self.overwrite = overwrite
+        self.format = format
         self.qconfig = build_quantization_config(args, ignore, format)
         self.fmt = CompressionFormat(self.qconfig.format)
+        # In-memory names -> the checkpoint layout (set by ``plan``), and each quantized
+        # target's kind and checkpoint module name.
+        self.layout: CheckpointLayout | None = None
+        self.kinds: dict[str, str] = {}
+        self.unpacked: set[str] = set()  # quantized targets written as dense values
+        self.module_names: dict[str, str] = {}
         self.writer = writer  # rank 0 writes; the others only read the result
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial"
         self.shards: list[_Shard] = []
@@ -156,32 +164,61 @@ class StreamingCheckpoint:
             _check_destination(self.out_dir, overwrite)
 
     # -------------------------------------------------------------- the plan
-    def plan(self, model: Any, targets: Sequence[Mapping[str, nn.Module]]) -> None:
+    def plan(
+        self,
+        model: Any,
+        targets: Sequence[Mapping[str, Target]],
+        extra_ignore: Sequence[str] = (),
+    ) -> None:
         """Every tensor of the checkpoint, its shard and offset; the shards created.
 
-        ``targets``: per decoder layer, the modules that will be quantized (by full
+        ``targets``: per decoder layer, the weights that will be quantized (by full
         name). Shapes come from the modules (which may sit on the meta device).
+        Tensor names follow the architecture's checkpoint layout
+        (:class:`~gptqflow.modeling.layout.CheckpointLayout`). ``extra_ignore``: Linears
+        left out by rule, not by the scheme (routers); the config's ignore list names them.
         """
         from gptqflow.modeling.structure import decoder_layers
 
+        layout = self.layout = CheckpointLayout.of(model)
+        self.ignore = layout.ignore_names([*self.ignore, *extra_ignore])
+        self.qconfig = build_quantization_config(self.args, self.ignore, self.format)
+        unpacked = []
+        for layer_targets in targets:
+            for name, t in layer_targets.items():
+                self.kinds[name] = t.kind
+                self.module_names[name] = layout.module_name(t)
+                if not t.packable:
+                    self.unpacked.add(name)
+                    unpacked.append(name)
+        if unpacked and self.writer:
+            log.warning(
+                "%d quantized %s weights are written with their quantized values in the model's "
+                "dtype, not packed: compressed-tensors has no format for them (e.g. %s)",
+                len(unpacked),
+                sorted({self.kinds[n] for n in unpacked}),
+                unpacked[0],
+            )
         if not self.writer:
             return
         prefix, layers = decoder_layers(model)
         groups: list[dict[str, _Spec]] = []
         for i, layer in enumerate(layers):
             names = targets[i]
-            packed = {f"{n}.weight" for n in names}
+            packed = {t.source for t in names.values() if t.packable}
             specs = {
-                full: _Spec(v.dtype, tuple(v.shape))
+                disk: _Spec(v.dtype, shape)
                 for k, v in layer.state_dict().items()
                 if (full := f"{prefix}.{i}.{k}") not in packed
+                for disk, shape in layout.split_shapes(full, tuple(v.shape)).items()
             }
-            for name, module in names.items():
-                specs.update(self._module_specs(name, module))
+            for name, target in names.items():
+                if target.packable:
+                    specs.update(self._module_specs(self.module_names[name], target))
             groups.append(specs)
         groups.append(
             {
-                k: _Spec(v.dtype, tuple(v.shape))
+                layout.tensor_name(k): _Spec(v.dtype, tuple(v.shape))
                 for k, v in self._outside_layers(model, move=False).items()
             }
         )
@@ -190,10 +227,9 @@ class StreamingCheckpoint:
             raise GptqflowError(f"cannot write tensors of dtype {sorted(map(str, unsupported))}")
         self._split(groups)
 
-    def _module_specs(self, name: str, module: nn.Module) -> dict[str, _Spec]:
-        """The serialized tensors of one quantized Linear (computed once per shape)."""
-        weight = module.weight
-        assert isinstance(weight, torch.Tensor)
+    def _module_specs(self, name: str, target: Target) -> dict[str, _Spec]:
+        """The serialized tensors of one quantized target (computed once per shape)."""
+        weight = target.weight
         key = (tuple(weight.shape), weight.dtype)
         if key not in self._spec_cache:
             self._spec_cache[key] = self._specs_of(
@@ -259,17 +295,26 @@ class StreamingCheckpoint:
     ) -> None:
         """One finished decoder layer, written at its planned offsets.
 
-        ``dense``: the layer's other parameters and persistent buffers by full name;
-        ``quantized``: module name -> codes; ``weights``: module name -> the installed
-        weight (its shape and dtype set the serialized scales' dtype).
+        ``dense``: the layer's other parameters and persistent buffers by full
+        (in-memory) name; ``quantized``: target name -> codes; ``weights``: target name
+        -> the installed weight (its shape and dtype set the serialized scales' dtype).
+        Written under the checkpoint layout's names.
         """
         self.quantized.update(quantized)
         if not self.writer:
             return
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in dense.items()}
-        for name in sorted(quantized):
+        layout = self.layout
+        assert layout is not None, "plan() ran first"
+        tensors = {
+            disk: t.detach().to("cpu").contiguous()
+            for k, v in dense.items()
+            for disk, t in layout.split(k, v).items()
+        }
+        for name in sorted(set(quantized) - self.unpacked):
             tensors.update(
-                _module_tensors(name, quantized[name], self.args, self.fmt, weights[name])
+                _module_tensors(
+                    self.module_names[name], quantized[name], self.args, self.fmt, weights[name]
+                )
             )
         _check_finite(tensors)
         self._write(tensors)
@@ -313,9 +358,10 @@ class StreamingCheckpoint:
             return self.out_dir
         try:
             self._check_coverage(model)
+            assert self.layout is not None, "plan() ran first"
             for name, value in self._outside_layers(model, move=False).items():
                 tensor = fetch(name) if value.is_meta and fetch is not None else value
-                one = {name: tensor.detach().to("cpu").contiguous()}
+                one = {self.layout.tensor_name(name): tensor.detach().to("cpu").contiguous()}
                 _check_finite(one)
                 self._write(one)
                 del tensor, one
@@ -376,12 +422,19 @@ class StreamingCheckpoint:
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
     def _check_coverage(self, model: Any) -> None:
-        """Every Linear the loader will treat as quantized was written quantized, and no other."""
+        """Every Linear the loader will treat as quantized was written quantized, and no other;
+        every planned target of another kind (Conv1D, expert slice) was written quantized."""
         from compressed_tensors.utils import match_named_modules
 
         expected = {name for name, _ in match_named_modules(model, TARGETS, self.ignore)}
-        missing = sorted(expected - self.quantized)
-        extra = sorted(self.quantized - expected)
+        linear = {n for n in self.quantized if self.kinds.get(n, "linear") == "linear"}
+        missing = sorted(expected - linear)
+        extra = sorted(linear - expected)
+        unwritten = sorted(n for n in self.kinds if n not in self.quantized)
+        if unwritten:
+            raise GptqflowError(
+                f"{len(unwritten)} planned targets were not quantized (e.g. {unwritten[:3]})"
+            )
         if missing:
             raise GptqflowError(
                 f"{len(missing)} Linear modules are neither quantized nor ignored "
@@ -407,10 +460,17 @@ class StreamingCheckpoint:
         for name in names:
             full = f"{prefix}.{name}"
             module = full.removesuffix(".weight")
-            if full.endswith(".weight") and module in self.quantized:
-                out[name] = self._dequantized(files, module, dtype)
+            if full.endswith(".weight") and module in self.quantized - self.unpacked:
+                out[name] = self._dequantized(files, self.module_names.get(module, module), dtype)
+            elif self.layout is not None and full in self.layout.pieces:
+                raise GptqflowError(
+                    f"{full} is a fused parameter; reading it back from the checkpoint is not "
+                    "supported (such models are loaded whole, not streamed)"
+                )
             else:
-                out[name] = _read(files, full)
+                out[name] = _read(
+                    files, full if self.layout is None else self.layout.tensor_name(full)
+                )
         return out
 
     def _dequantized(self, files: dict[str, Path], module: str, dtype: torch.dtype) -> torch.Tensor:

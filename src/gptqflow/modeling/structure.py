@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,9 @@ import torch
 from torch import nn
 
 from gptqflow.errors import GptqflowError
+from gptqflow.modeling.targets import Target, layer_targets, matches
+
+__all__ = ["decoder_layers", "matches", "meta_model", "target_shapes", "target_weights"]
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -30,27 +32,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     )
 
 
-def matches(name: str, patterns: Sequence[str]) -> bool:
-    """``re:<regex>`` patterns match by ``re.fullmatch``; others match the name or its suffix."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
-
-
-def target_linears(
+def target_weights(
     layer: nn.Module, prefix: str, targets: Sequence[str], ignore: Sequence[str]
-) -> dict[str, nn.Linear]:
-    """The Linear modules of one decoder layer to quantize, by full module name."""
-    out = {}
-    for rel, mod in layer.named_modules():
-        full = f"{prefix}.{rel}" if rel else prefix
-        if isinstance(mod, nn.Linear) and matches(full, targets) and not matches(full, ignore):
-            out[full] = mod
-    return out
+) -> dict[str, Target]:
+    """The weights of one decoder layer to quantize (every target kind), by full name."""
+    return layer_targets(layer, prefix, targets, ignore).targets
 
 
 def meta_model(model_dir: Path, trust_remote_code: bool = False) -> nn.Module:
@@ -68,16 +54,20 @@ def meta_model(model_dir: Path, trust_remote_code: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def linear_shapes(
+def target_shapes(
     model_dir: Path, targets: Sequence[str], ignore: Sequence[str], trust_remote_code: bool = False
 ) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every targeted Linear in the decoder layers."""
+    """(out, in) of every targeted weight in the decoder layers, from ``config.json`` alone.
+
+    Raises :class:`GptqflowError` for an architecture with weights no target kind
+    covers (before any weight is read).
+    """
     model = meta_model(model_dir, trust_remote_code)
     prefix, layers = decoder_layers(model)
     shapes: dict[str, tuple[int, int]] = {}
     for i, layer in enumerate(layers):
-        for name, lin in target_linears(layer, f"{prefix}.{i}", targets, ignore).items():
-            shapes[name] = (lin.out_features, lin.in_features)
+        for name, t in target_weights(layer, f"{prefix}.{i}", targets, ignore).items():
+            shapes[name] = t.shape
     return shapes
 
 

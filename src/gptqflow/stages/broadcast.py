@@ -24,7 +24,6 @@ import math
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
 from gptqflow.framework.distributed import DistContext, Handle
 from gptqflow.framework.registry import register_stage
@@ -34,6 +33,7 @@ from gptqflow.framework.state import GroupRun, LayerRun
 from gptqflow.gptq import wire
 from gptqflow.gptq.quantizer import column_groups, dequantize_groups, effective_group_size
 from gptqflow.gptq.types import QuantArgs, QuantResult
+from gptqflow.modeling.targets import Target
 
 
 class BroadcastStage(Stage):
@@ -134,14 +134,13 @@ class BroadcastStage(Stage):
             layer.state.quantized[name] = install(layer.targets[name], codes, self.args)
 
 
-def install(module: nn.Module, codes: dict[str, Any], args: QuantArgs) -> QuantResult:
-    """Dequantize a module's codes into its weight, exactly as every rank does; its record.
+def install(module: Target, codes: dict[str, Any], args: QuantArgs) -> QuantResult:
+    """Dequantize a target's codes into its weight, exactly as every rank does; its record.
 
     Every rank runs this same function on the same integers (after the broadcast, or
     from a resume point), so all ranks hold bit-identical weights.
     """
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor), "a target module has a weight tensor"
+    weight = module.weight  # the 2-D view of the model's parameter (modeling/targets.py)
     device = weight.device
     q, scale, zp = (codes[k].to(device) for k in ("qweight", "scale", "zero_point"))
     g_idx = None if codes["g_idx"] is None else codes["g_idx"].to(device)

@@ -58,6 +58,13 @@ class FloatPathStage(Stage):
 
     def before_layer(self, layer: LayerRun, ctx: DistContext) -> None:
         state = layer.state
+        experts = [n for n, t in layer.targets.items() if t.kind == "expert"]
+        if experts:
+            raise GptqflowError(
+                f"stages.{self.config.id}: GPTAQ pairs each target's float and quantized inputs "
+                "sample for sample, but an MoE expert gets the tokens its router picks, which "
+                f"differ between the two paths (e.g. {experts[0]}); use method=gptq for MoE models"
+            )
         if FLOAT_HIDDEN in state.slots:
             hidden = state.slots[FLOAT_HIDDEN]
         elif layer.index == 0:
@@ -76,8 +83,8 @@ class FloatPathStage(Stage):
         for part, kwargs in zip(chunks.parts, chunks.kwargs):
             seen: dict[str, torch.Tensor] = {}
             handles = [
-                module.register_forward_pre_hook(_recorder(name, seen))
-                for name, module in layer.targets.items()
+                target.module.register_forward_pre_hook(_recorder(name, seen))
+                for name, target in layer.targets.items()
             ]
             try:
                 with per_sample_linears(layer.module), torch.inference_mode():

@@ -1,8 +1,9 @@
 """``hessian-reduce``: every rank's Hessian sums added up, divided once by all tokens.
 
 Requires: ``group.hessian`` (this rank's float64 sum and token count). Provides:
-``group.reduced_hessian`` (float32, the global sum divided by the global token count)
-on every rank. ``group.hessian`` is released once divided: the float64 sum is the
+``group.reduced_hessian`` (float32, the global sum divided by the global token count;
+None for a group no token reached, e.g. an expert the router never chose) and
+``group.tokens`` (that count) on every rank. ``group.hessian`` is released once divided: the float64 sum is the
 largest tensor of a group (``cols² x 8`` bytes: 6.6 GB for a 28672-column down_proj),
 and nothing after the division needs it.
 Collectives: one all-reduce per group of the accumulated strips of the sum with the
@@ -35,7 +36,10 @@ class HessianReduceStage(Stage):
         handle.wait()
         local.load_packed(total.to(local.sum.device))  # the global sum, in place
         del total, handle  # the packed copy (half a float64 matrix) goes before the division
-        group.reduced_hessian = local.finalize()
+        group.tokens = local.count
+        # A group no token reached (an expert the router never chose) has no Hessian;
+        # solve's min_tokens rule rounds it to nearest.
+        group.reduced_hessian = local.finalize() if local.count else None
         group.hessian = None
 
 

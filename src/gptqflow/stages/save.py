@@ -41,7 +41,8 @@ from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import LayerRun, PipelineState
 from gptqflow.modeling.streaming import StreamingCheckpoint
-from gptqflow.modeling.structure import decoder_layers, target_linears
+from gptqflow.modeling.structure import decoder_layers
+from gptqflow.modeling.targets import REASON_ROUTER, layer_targets
 
 
 def _write_failed(out: Path, exc: OSError) -> str:
@@ -78,13 +79,15 @@ class SaveStage(Stage):
                 writer=ctx.is_main,
             )
             prefix, layers = decoder_layers(state.model)
-            self.writer.plan(
-                state.model,
-                [
-                    target_linears(layer, f"{prefix}.{i}", scheme.targets, scheme.ignore)
-                    for i, layer in enumerate(layers)
-                ],
-            )
+            found = [
+                layer_targets(layer, f"{prefix}.{i}", scheme.targets, scheme.ignore)
+                for i, layer in enumerate(layers)
+            ]
+            # Routers are Linears in some models: the config's ignore list must name them.
+            routers = [
+                e.name for f in found for e in f.excluded if e.reason == REASON_ROUTER and e.linear
+            ]
+            self.writer.plan(state.model, [f.targets for f in found], extra_ignore=routers)
         except OSError as exc:
             raise GptqflowError(_write_failed(out, exc)) from exc
         self._written: list[str] = []
@@ -96,7 +99,8 @@ class SaveStage(Stage):
         state = layer.state
         self._drop_written(state)
         names = [n for n in layer.targets if n in state.quantized]
-        packed = {f"{n}.weight" for n in names}  # written as codes, not as floats
+        # written as codes, not as floats (a target with no packed format keeps its values)
+        packed = {layer.targets[n].source for n in names if layer.targets[n].packable}
         dense = {
             full: v
             for k, v in layer.module.state_dict().items()
@@ -107,7 +111,7 @@ class SaveStage(Stage):
                 layer.name,
                 dense,
                 {n: state.quantized[n] for n in names},
-                {n: layer.targets[n].weight for n in names},  # type: ignore[misc]
+                {n: layer.targets[n].weight for n in names},
             )
         except OSError as exc:
             writer.abort()

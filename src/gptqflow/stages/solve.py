@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +66,7 @@ from gptqflow.gptq.plan import RowSlice, plan_solve, split_rows
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, HessianFactor, prepare_factor, solve_rows
 from gptqflow.gptq.types import QuantResult
+from gptqflow.modeling.targets import ExpertTarget
 from gptqflow.stages.float_path import REDUCED_CROSS
 
 log = logging.getLogger("gptqflow")
@@ -126,9 +128,9 @@ class SolveStage(Stage):
         gptq = self.config.method in SOLVERS
         exchange: PanelExchange = RankExchange(ctx) if group.shared_factor else LOCAL
         factor = None
-        fallback: str | None = None
+        fallback = self._too_few_tokens(group, ctx)
         # A rank without rows still takes part in a shared factorisation.
-        if gptq and (mine or group.shared_factor):
+        if gptq and fallback is None and (mine or group.shared_factor):
             assert group.reduced_hessian is not None
             try:
                 factor = prepare_factor(group.reduced_hessian, args, exchange=exchange)
@@ -142,7 +144,10 @@ class SolveStage(Stage):
         w = torch.cat([group.weights[s.module].data[s.start : s.stop] for s in mine])
         if factor is None:
             hessian = group.reduced_hessian if args.observer == "hessian" else None
-            res = rtn_quantize(w, args, hessian)
+            if args.observer == "hessian" and hessian is None:  # no token: no weights for it
+                res = rtn_quantize(w, replace(args, observer="minmax"))
+            else:
+                res = rtn_quantize(w, args, hessian)
         else:
             res = solve_rows(self._target(group, mine, w, factor), factor, args)
         check_finite_result(group, mine, res)
@@ -154,8 +159,7 @@ class SolveStage(Stage):
         offset = 0
         for s in mine:
             part = _rows(res, offset, offset + s.rows)
-            if self.config.report_loss:
-                assert group.reduced_hessian is not None
+            if self.config.report_loss and group.reduced_hessian is not None:
                 part.loss = quantization_loss(
                     w[offset : offset + s.rows],
                     res.dequant[offset : offset + s.rows],
@@ -181,6 +185,32 @@ class SolveStage(Stage):
             for m in sorted({s.module for s in mine})
         }
         return torch.cat([targets[s.module][s.start : s.stop] for s in mine])
+
+    def _too_few_tokens(self, group: GroupRun, ctx: DistContext) -> str | None:
+        """The min_tokens rule: a group that saw too few tokens is rounded to nearest.
+
+        Only an MoE expert can see fewer tokens than the calibration set holds (the
+        router sends it some tokens, or none). Its token count (all ranks) goes into the
+        layer's ``expert_tokens`` in report.json; the decision depends on that count
+        only, so every rank makes the same one.
+        """
+        tokens = group.tokens
+        if tokens is None:  # no statistics (rtn without calibration)
+            return None
+        experts = [t for t in group.modules if isinstance(t, ExpertTarget)]
+        if experts:
+            counts = group.layer.report.setdefault("expert_tokens", {})
+            first = experts[0]
+            counts[first.name.removeprefix(group.layer.name + ".").rsplit(".", 1)[0]] = tokens
+        if self.config.method not in SOLVERS or tokens >= self.config.min_tokens:
+            return None
+        reason = (
+            f"saw {tokens} calibration token(s), fewer than stages.{self.config.id}.min_tokens="
+            f"{self.config.min_tokens}: round-to-nearest"
+        )
+        if ctx.rank == min(s.rank for s in group.plan):
+            log.warning("layer %d, %s: %s", group.layer.index, ", ".join(group.names), reason)
+        return reason
 
     def _cholesky_failed(self, group: GroupRun, exc: CholeskyError, ctx: DistContext) -> str:
         """Raise (``on_failure: error``) or return the reason for a round-to-nearest fallback."""
@@ -313,6 +343,15 @@ class SolveConfig(StageConfig):
     )
     cost_model: str | None = Field(
         None, description="Cost-model JSON from bench/fit_cost.py; null = the bundled CPU fit."
+    )
+    min_tokens: int = Field(
+        16,
+        ge=1,
+        description="A group whose modules saw fewer calibration tokens than this (all ranks) "
+        "is rounded to nearest instead of solved, and listed under fallbacks in report.json. "
+        "Only MoE experts see fewer tokens than the calibration set: the router sends each "
+        "expert its share, or none.",
+        json_schema_extra={"unit": "tokens"},
     )
     min_rows_per_rank: int = Field(
         64,

@@ -1,0 +1,89 @@
+"""A tiny MoE (qwen3_moe, 8 experts, top-2) on 1 and 2 gloo ranks: byte-identical checkpoints.
+
+Each expert's Hessian comes from the tokens routed to it on every rank; the per-expert
+seam computes every sample on its own, so the routing, the Hessians, the solves and the
+checkpoint do not depend on how the samples are split between ranks. The min_tokens
+rule is set so that some experts fall back to round-to-nearest: those decisions must
+agree too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gptqflow.framework.compose import compose_recipe
+from helpers import free_port, make_tiny_model, set_rank_env
+
+
+def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
+    set_rank_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    from gptqflow.framework.api import execute
+
+    execute(resolved)
+
+
+def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
+    resolved = compose_recipe(
+        "gptq_w4a16",
+        [
+            f"model.path={model}",
+            f"output_dir={out}",
+            "dataset.num_samples=4",
+            "dataset.seq_len=32",
+            "dataset.eval_tokens=128",
+            "scheme.group_size=32",
+            "stages.solve.min_tokens=24",
+            "runtime.progress=false",
+            "runtime.num_threads=1",
+            f"runtime.nproc_per_node={world_size}",
+        ],
+    )
+    mp.start_processes(
+        _rank_main,
+        args=(world_size, free_port(), resolved),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+    report: dict[str, Any] = json.loads((out / "report.json").read_text())
+    return report
+
+
+@pytest.fixture(scope="module")
+def moe_runs(
+    tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, tuple[Path, dict[str, Any]]]:
+    model = make_tiny_model(tmp_path_factory.mktemp("moe"), "qwen3_moe", tiny_tokenizer_dir)
+    runs = {}
+    for ws in (1, 2):
+        out = tmp_path_factory.mktemp(f"moe_ws{ws}")
+        runs[ws] = (out, _run(ws, model, out))
+    return runs
+
+
+def test_moe_checkpoint_bytes_match_one_rank(
+    moe_runs: dict[int, tuple[Path, dict[str, Any]]],
+) -> None:
+    a = (moe_runs[1][0] / "checkpoint" / "model.safetensors").read_bytes()
+    b = (moe_runs[2][0] / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_moe_token_counts_and_fallbacks_match(
+    moe_runs: dict[int, tuple[Path, dict[str, Any]]],
+) -> None:
+    one, two = moe_runs[1][1], moe_runs[2][1]
+    assert [r["expert_tokens"] for r in one["layers"]] == [
+        r["expert_tokens"] for r in two["layers"]
+    ]
+    assert one["fallbacks"] == two["fallbacks"]
+    assert one["fallbacks"], "min_tokens=24 leaves some expert with fewer tokens (choose another)"
+    assert one["coverage"] == two["coverage"]
+    assert one["perplexity"]["quantized"] == two["perplexity"]["quantized"]
