@@ -34,9 +34,9 @@ def test_each_moment_is_the_sum_of_its_tensors() -> None:
     layer = (64 * 64 * 2 + 32 * 64 * 2 + 3 * 176 * 64 + 2 * 64) * 4  # q,o + k,v + mlp + norms
     # down_proj: inputs, the float64 upper strips (176 columns: rows 0-127 from their
     # diagonal on, rows 128-175 likewise) and the token count, the float32 mean, and
-    # two float32 copies of the weights.
+    # four float32 copies of the weights.
     strips = 128 * 176 + 48 * 48
-    down = tokens * 176 * 4 + (strips + 1) * 8 + 176 * 176 * 4 + 2 * 64 * 176 * 4
+    down = tokens * 176 * 4 + (strips + 1) * 8 + 176 * 176 * 4 + 4 * 64 * 176 * 4
     assert got.capture == states
     assert got.layer == layer + 2 * states + down
     assert got.finish == v * h * 4  # the largest outside tensor: embeddings or head

@@ -10,8 +10,8 @@ the config alone:
   states, and the largest group's working set: its inputs (every token of the rank),
   its Hessian (the float64 sum of the upper strips, half a float64 matrix, next to the
   float32 mean it is divided into: ``hessian-reduce`` frees the sum afterwards, and
-  the solve's float32 mean plus its triangular factor are less) and two float32
-  copies of the group's weights (the solve's working copy and its result);
+  the solve's float32 mean plus its triangular factor are less) and four float32
+  copies of the group's weights (see ``_WEIGHT_COPIES``);
 * **finish** (rank 0, after the last layer): the largest tensor outside the layers
   (``save`` reads, writes and drops them one at a time).
 
@@ -36,8 +36,10 @@ from gptqflow.modeling.structure import decoder_layers
 #: a streamed run's report.json after the layer loop (bench/memory.py).
 DEFAULT_BASE_BYTES = 470 * 2**20
 
-# Float32 copies of a group's rows x cols weights the solve holds at once.
-_WEIGHT_COPIES = 2
+# Float32 rows x cols copies of a group's weights the solve holds at its peak: the
+# stacked rows of the rank's slices, the sweep's working copy, its float codes, and the
+# dequantized result (gptq/solver.py frees each as soon as the next exists).
+_WEIGHT_COPIES = 4
 
 
 @dataclass(frozen=True)
