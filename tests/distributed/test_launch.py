@@ -53,6 +53,7 @@ def test_run_starts_ranks_itself(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert [p.name for p in out2.rglob(".hydra")] == [".hydra"]
 
 
+@pytest.mark.slow  # the launcher path is covered by test_run_starts_ranks_itself
 def test_users_own_torchrun(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "torchrun"
     r = _run(

@@ -74,6 +74,7 @@ def test_a_spilled_run_resumes_to_the_same_bytes(
     assert (out / WEIGHTS).read_bytes() == (in_memory / WEIGHTS).read_bytes()
 
 
+@pytest.mark.slow
 def test_resume_may_turn_spilling_off(
     tiny_llama3_dir: Path, in_memory: Path, tmp_path: Path
 ) -> None:
@@ -101,6 +102,7 @@ def test_an_unreadable_budget_is_refused(tiny_llama3_dir: Path, tmp_path: Path) 
     assert "runtime.max_hidden_bytes" in text and "500MB, 2GB or 1GiB" in text
 
 
+@pytest.mark.slow
 def test_gptaq_reads_spilled_inputs_for_its_float_path(
     tiny_llama3_dir: Path, tmp_path: Path
 ) -> None:

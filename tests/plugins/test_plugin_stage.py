@@ -107,6 +107,7 @@ def test_the_test_process_sees_only_built_in_stages() -> None:
     assert "norm-scale" not in registered()
 
 
+@pytest.mark.slow  # three CLI processes; the plugin runs at 1 and 2 ranks by default
 def test_stages_schema_and_lint_find_the_plugin(site: Path, recipes: Path, tmp_path: Path) -> None:
     listed = gptqflow(site, "stages", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
