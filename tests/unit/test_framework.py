@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext, shard_range
 from gptqflow.framework.registry import registered
 from gptqflow.modeling.structure import group_size_problems, matches
@@ -130,3 +131,14 @@ def test_frozen_heap_keeps_the_collector_off_old_objects_and_still_collects_new_
         assert alive() is None, "garbage made inside the loop is still collected"
     assert gc.get_freeze_count() == 0
     assert old.me is old
+
+
+def test_no_registered_stage_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Source on PYTHONPATH without the installed package: no entry points, no stages."""
+    from gptqflow.framework import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    with pytest.raises(GptqflowError, match=r"no stage is registered.*pip install -e"):
+        registry.registered()

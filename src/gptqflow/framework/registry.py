@@ -83,6 +83,13 @@ def _load_entry_points() -> None:
                 f"stage plugin {where} does not name a config class registered as {ep.name!r} "
                 f"with @register_stage({ep.name!r}, ...)"
             )
+    if not _REGISTRY:
+        raise GptqflowError(
+            f"no stage is registered: Python found no {ENTRY_POINT_GROUP!r} entry points. "
+            "gptqflow's own stages are entry points of its installed package: install it "
+            "(pip install -e . in a checkout) rather than putting its source on PYTHONPATH, "
+            "and remove any stale gptqflow.egg-info next to that source"
+        )
     _loaded = True
 
 
