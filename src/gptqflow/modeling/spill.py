@@ -25,21 +25,15 @@ from typing import Any, overload
 
 import torch
 
+from gptqflow.gptq.wire import Field
 from gptqflow.modeling.forward import Chunks
 
 
 @dataclass(frozen=True)
-class _Entry:
-    offset: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+class _Entry(Field):
+    """One chunk tensor of a spill file: its shape and dtype, and where its bytes start."""
 
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty(0, dtype=self.dtype).element_size()
+    offset: int
 
 
 class _Parts(Sequence[torch.Tensor]):
@@ -95,10 +89,6 @@ class SpilledChunks(Chunks):
     def num_samples(self) -> int:
         return sum(int(e.shape[0]) for e in self.entries)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
-
     def split(self, max_tokens: int | None) -> Chunks:
         """Itself: the chunks were written at the loop's chunk size."""
         return self
@@ -122,7 +112,7 @@ class SpilledChunks(Chunks):
     @classmethod
     def from_description(cls, directory: Path, desc: dict[str, Any]) -> SpilledChunks:
         entries = [
-            _Entry(int(o), tuple(int(d) for d in s), getattr(torch, t))
+            _Entry(tuple(int(d) for d in s), getattr(torch, t), int(o))
             for o, s, t in desc["entries"]
         ]
         return cls(directory / desc["file"], entries, list(desc["kwargs"]))
@@ -141,7 +131,7 @@ class SpillWriter:
     def append(self, t: torch.Tensor) -> None:
         t = t.detach().cpu().contiguous()
         self._file.write(t.view(-1).view(torch.uint8).numpy().data)
-        entry = _Entry(self._offset, tuple(t.shape), t.dtype)
+        entry = _Entry(tuple(t.shape), t.dtype, self._offset)
         self._entries.append(entry)
         self._offset += entry.nbytes
 
