@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from gptqflow.errors import GptqflowError
+from gptqflow.fileio import parse_size
 from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.plan import (
     GroupPrediction,
@@ -31,9 +32,10 @@ from gptqflow.gptq.plan import (
     Planner,
     layer_prediction,
 )
-from gptqflow.modeling.memory import DEFAULT_BASE_BYTES, predict_rank_memory
+from gptqflow.modeling.memory import DEFAULT_BASE_BYTES, MemoryPrediction, predict_rank_memory
 from gptqflow.modeling.structure import decoder_layers
 from gptqflow.modeling.targets import ExpertTarget, all_targets
+from gptqflow.stages.hessian_reduce import HessianReduceConfig
 
 __all__ = [
     "DEFAULT_WORLD_SIZES",
@@ -57,6 +59,10 @@ SHARED_INPUT = (
 )
 
 _PLANNERS: tuple[Planner, ...] = ("cost", "columns")
+
+#: The Hessians of a wave travel in all-reduces of up to this many bytes: the default of
+#: the ``hessian-reduce`` stage's ``bucket_size``.
+BUCKET_BYTES = parse_size(HessianReduceConfig.model_fields["bucket_size"].default)
 _PLANNER_NAMES = {"cost": "ours", "columns": "columns", "even": "even"}
 
 
@@ -134,7 +140,7 @@ def _group_linears(layer: nn.Module) -> list[GroupShape]:
     input they share: the halves of one expert's fused gate/up read one input, as do the
     Linears of a ``SHARED_INPUT`` row under one parent."""
     role = {name: i for i, names in enumerate(SHARED_INPUT) for name in names}
-    groups: list[tuple[list[str], list[int], int, object]] = []
+    groups: list[tuple[list[str], list[int], int, object, str | None]] = []
     found, _routers = all_targets(layer, "layer")
     for t in found:
         name = t.name.removeprefix("layer.")
@@ -149,8 +155,14 @@ def _group_linears(layer: nn.Module) -> list[GroupShape]:
             last[0].append(name)
             last[1].append(rows)
         else:
-            groups.append(([name], [rows], cols, key))
-    return [GroupShape(tuple(n), tuple(r), c) for n, r, c, _ in groups]
+            groups.append(([name], [rows], cols, key, t.wave))
+    shapes = [GroupShape(tuple(n), tuple(r), c, w) for n, r, c, _, w in groups]
+    # The layer loop takes a wave's groups together, at its first group's place.
+    first: dict[str, int] = {}
+    place = []
+    for i, g in enumerate(shapes):
+        place.append(first.setdefault(g.wave, i) if g.wave is not None else i)
+    return [g for _, _, g in sorted(zip(place, range(len(shapes)), shapes))]
 
 
 def _meta_model(config: str | Path | Mapping[str, Any]) -> tuple[str, nn.Module]:
@@ -229,10 +241,13 @@ def _memory(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Predicted peak host memory per rank (streamed weights) at each world size."""
     _, model = _meta_model(config)
-    shapes = max(
-        ([list(zip(g.rows, [g.cols] * len(g.rows))) for g in groups] for groups, _ in kinds),
-        key=lambda gs: sum(r * c for g in gs for r, c in g),
-    )
+
+    def predict(tokens: int, main: bool) -> MemoryPrediction:  # the layer kind that peaks
+        return max(
+            (predict_rank_memory(model, groups, tokens, main_rank=main) for groups, _ in kinds),
+            key=lambda m: m.peak,
+        )
+
     gib = 2**30
     lines = [
         f"memory per rank (model.weights=stream, calibration {num_samples} x {seq_len} tokens, "
@@ -242,8 +257,7 @@ def _memory(
     out = []
     for w in world_sizes:
         tokens = -(-num_samples // int(w)) * seq_len
-        main = predict_rank_memory(model, shapes, tokens, main_rank=True)
-        other = predict_rank_memory(model, shapes, tokens, main_rank=False)
+        main, other = predict(tokens, True), predict(tokens, False)
         total = main.peak + (int(w) - 1) * other.peak
         lines.append(
             f"  {w:5d}  {tokens:11d}  {main.peak / gib:10.2f}  {other.peak / gib:15.2f}"
@@ -272,16 +286,14 @@ def _layer_kind(
     scale_bytes: int,
 ) -> tuple[dict[str, Any], list[str]]:
     preds: dict[tuple[Planner, int], LayerPrediction] = {}
+    settings = {"group_size": group_size, "scale_bytes": scale_bytes, "bucket_bytes": BUCKET_BYTES}
     for w in world_sizes:
         for p in _PLANNERS:
-            preds[(p, int(w))] = layer_prediction(
-                groups, int(w), cost, p, group_size=group_size, scale_bytes=scale_bytes
-            )
-    one = layer_prediction(groups, 1, cost, "cost", group_size=group_size, scale_bytes=scale_bytes)
+            preds[(p, int(w))] = layer_prediction(groups, int(w), cost, p, **settings)  # type: ignore[arg-type]
+    one = layer_prediction(groups, 1, cost, "cost", **settings)  # type: ignore[arg-type]
     factor = sum(g.factor_seconds for g in one.groups)
-    shapes = ", ".join(
-        f"{'+'.join(_leaf(n) for n in g.names)} {sum(g.rows)}x{g.cols}" for g in groups
-    )
+    rows = _rows(list(one.groups))
+    shapes = ", ".join(f"{name} {nr}x{nc}" for name, (_, nr, nc) in rows)
     lines = [
         f"layer kind x{count}: {shapes}",
         f"  1 rank: {one.seconds:.2f} s/layer solve (factorisations {factor:.2f} s = "
@@ -301,20 +313,27 @@ def _layer_kind(
             )
     lines += [
         "",
-        "  per group (ours): ranks used / slowest rank s (* = factorisation shared by all ranks)",
+        "  per group (ours): ranks used / slowest rank s (* = factorisation shared by all ranks;",
+        "  a wave, e.g. 128 experts x N: whole groups packed onto ranks, its busiest rank's s)",
     ]
-    header = "  group                  rows   cols  1 rank s  factor s"
+    header = "  group                         rows   cols  1 rank s  factor s"
     lines.append(header + "".join(f"  {'W=' + str(w):>13s}" for w in world_sizes))
-    for i, g in enumerate(one.groups):
-        cells = "".join(_group_cell(preds[("cost", int(w))].groups[i]) for w in world_sizes)
-        name = "+".join(_leaf(n) for n in g.names)
+    for name, (idx, nrows, ncols) in rows:
+        at_one = [one.groups[i] for i in idx]
+        cells = "".join(
+            _group_cell([preds[("cost", int(w))].groups[i] for i in idx]) for w in world_sizes
+        )
         lines.append(
-            f"  {name:20s} {g.rows:6d} {g.cols:6d}  {g.single_rank_seconds:8.2f}  {g.factor_seconds:8.2f}{cells}"
+            f"  {name:28s} {nrows:6d} {ncols:6d}  {sum(g.single_rank_seconds for g in at_one):8.2f}"
+            f"  {sum(g.factor_seconds for g in at_one):8.2f}{cells}"
         )
     lines.append("")
     kind = {
         "count": count,
-        "groups": [{"names": list(g.names), "rows": list(g.rows), "cols": g.cols} for g in groups],
+        "groups": [
+            {"names": list(g.names), "rows": list(g.rows), "cols": g.cols, "wave": g.wave}
+            for g in groups
+        ],
         "single_rank_seconds": one.seconds,
         "factor_seconds": factor,
         "predictions": [_prediction_dict(r) for r in preds.values()],
@@ -322,9 +341,31 @@ def _layer_kind(
     return kind, lines
 
 
-def _group_cell(g: GroupPrediction) -> str:
-    mark = "*" if g.shared_factor else " "
-    return f"  {g.ranks:3d}{mark} /{g.seconds:7.2f}"
+def _rows(groups: list[GroupPrediction]) -> list[tuple[str, tuple[list[int], int, int]]]:
+    """One printed row per group, or per wave (its groups' indices, rows and cols of one)."""
+    out: list[tuple[str, tuple[list[int], int, int]]] = []
+    for i, g in enumerate(groups):
+        name = "+".join(_leaf(n) for n in g.names)
+        if g.wave is not None and i and groups[i - 1].wave == g.wave:
+            out[-1][1][0].append(i)
+            continue
+        out.append((name, ([i], g.rows, g.cols)))
+    return [
+        (f"{name} x{len(idx)}" if len(idx) > 1 else name, (idx, r, c)) for name, (idx, r, c) in out
+    ]
+
+
+def _group_cell(gs: list[GroupPrediction]) -> str:
+    """Ranks used and the busiest rank's seconds of a group or a wave of groups."""
+    if len(gs) == 1:
+        g = gs[0]
+        mark = "*" if g.shared_factor else " "
+        return f"  {g.ranks:3d}{mark} /{g.seconds:7.2f}"
+    load: dict[int, float] = {}
+    for g in gs:
+        for r in g.rank_set:
+            load[r] = load.get(r, 0.0) + g.seconds
+    return f"  {len(load):3d}  /{max(load.values(), default=0.0):7.2f}"
 
 
 def _leaf(name: str) -> str:

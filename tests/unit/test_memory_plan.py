@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gptqflow.gptq.plan import GroupShape
 from gptqflow.modeling.memory import predict_rank_memory
 from gptqflow.planning import plan_report
 
@@ -28,7 +29,12 @@ def _model() -> LlamaForCausalLM:
 
 def test_each_moment_is_the_sum_of_its_tensors() -> None:
     h, v, tokens = 64, 1000, 300
-    groups = [[(64, 64), (32, 64), (32, 64)], [(64, 64)], [(176, 64), (176, 64)], [(64, 176)]]
+    groups = [
+        GroupShape(("q", "k", "v"), (64, 32, 32), 64),
+        GroupShape(("o",), (64,), 64),
+        GroupShape(("gate", "up"), (176, 176), 64),
+        GroupShape(("down",), (64,), 176),
+    ]
     got = predict_rank_memory(_model(), groups, tokens, base_bytes=0)
     states = tokens * h * 4
     layer = (64 * 64 * 2 + 32 * 64 * 2 + 3 * 176 * 64 + 2 * 64) * 4  # q,o + k,v + mlp + norms

@@ -128,6 +128,7 @@ class DistContext:
     timeout_s: float = 600.0
     _owns_group: bool = False
     bytes_sent: int = 0
+    collectives: int = 0  # all-reduces and broadcasts issued (report.json)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -202,6 +203,7 @@ class DistContext:
             return tensor, _Done()
         buf = self._comm(tensor).contiguous()
         self.bytes_sent += buf.numel() * buf.element_size()
+        self.collectives += 1
         with self.guard("an all-reduce"):
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=async_op)
         return buf, (_Guarded(work, self, "an all-reduce") if work is not None else _Done())
@@ -220,6 +222,7 @@ class DistContext:
         bufs = [self._comm(t).contiguous() for t in tensors]
         handles: list[Handle] = []
         for b in bufs:
+            self.collectives += 1
             if self.rank == owner:
                 self.bytes_sent += b.numel() * b.element_size()
             with self.guard(f"a broadcast from rank {owner}"):

@@ -14,7 +14,10 @@ stage runs once first, ``after_loop`` once at the end. For every decoder layer:
    ``on_group`` before the group's modules compute. So the rest of the layer already
    runs on whatever the stages installed (o_proj sees the outputs of the quantized
    q/k/v), and one forward per layer does both the statistics and the propagation.
-   Without such a stage no forward runs at all: every target module is its own group;
+   Without such a stage no forward runs at all: every target module is its own group.
+   The groups of a *wave* (targets with one ``Target.wave`` key: an MoE block's
+   experts, which never read each other's outputs) are handed to the stages together
+   (``on_groups``), once every member's input is known (see :func:`waves`);
 3. ``after_layer`` of every stage; the outputs become the next layer's inputs;
 4. with streamed weights, the layer's tensors are dropped if a stage relocated them
    (wrote them where they can be read again); otherwise the layer stays in memory
@@ -155,6 +158,31 @@ def _trim_heap() -> None:
     """
     if _TRIM is not None:
         _TRIM()
+
+
+def waves(groups: list[list[str]], targets: dict[str, Target]) -> list[list[list[str]]]:
+    """Groups in call order, the groups of one wave gathered at its first group's place.
+
+    A group belongs to a wave when all its targets share one ``Target.wave`` key (the
+    experts of one fused parameter). The members of a wave are independent of each
+    other, and no group in between them reads their outputs before the wave's last
+    member has run (they are called one after another inside one experts module), so
+    handling the whole wave where its first member was reached keeps every data
+    dependency of the forward.
+    """
+    out: list[list[list[str]]] = []
+    at: dict[str, int] = {}
+    for names in groups:
+        keys = {targets[n].wave for n in names}
+        key = keys.pop() if len(keys) == 1 else None
+        if key is None:
+            out.append([names])
+        elif key in at:
+            out[at[key]].append(names)
+        else:
+            at[key] = len(out)
+            out.append([names])
+    return out
 
 
 def _imbalance(seconds: list[float]) -> float:
@@ -364,9 +392,9 @@ class LayerLoop:
                     stage.before_layer(layer, ctx)
             if self.needs_inputs:
                 self._forward(layer, timer)
-            else:
-                for name, target in layer.targets.items():
-                    self._group(layer, [name], [target], None, timer)
+            else:  # every target is its own group; the experts of a fused parameter, a wave
+                for wave in waves([[n] for n in layer.targets], layer.targets):
+                    self._wave(layer, wave, [None] * len(wave), timer)
             for sid, stage in self.stages:
                 with timer.time(sid):
                     stage.after_layer(layer, ctx)
@@ -379,21 +407,26 @@ class LayerLoop:
         if state.weights is not None and not state.weights.release(index):
             self._kept += 1
 
-    def _group(
+    def _wave(
         self,
         layer: LayerRun,
-        names: list[str],
-        modules: list[Target],
-        inputs: torch.Tensor | list[torch.Tensor] | None,
+        wave: list[list[str]],
+        inputs: Sequence[torch.Tensor | list[torch.Tensor] | None],
         timer: _Timer,
     ) -> None:
-        group = GroupRun(layer, len(layer.groups), names, modules, inputs=inputs)
-        layer.groups.append(group)
+        """Every stage's ``on_groups`` over one wave of groups (a plain group: a wave of one)."""
+        runs = []
+        for names, x in zip(wave, inputs):
+            group = GroupRun(layer, len(layer.groups), names, [layer.targets[n] for n in names])
+            group.inputs = x
+            layer.groups.append(group)
+            runs.append(group)
         for sid, stage in self.stages:
             with timer.time(sid):
-                stage.on_group(group, self.ctx)
-        _release_group(group)
-        _trim_heap()  # the group's temporaries (solve copies, Hessian buffers) go back now
+                stage.on_groups(runs, self.ctx)
+        for group in runs:
+            _release_group(group)
+        _trim_heap()  # the groups' temporaries (solve copies, Hessian buffers) go back now
 
     def _forward(self, layer: LayerRun, timer: _Timer) -> None:
         """The layer's forward over this rank's samples; each group's hooks at its first call.
@@ -411,13 +444,16 @@ class LayerLoop:
         if isinstance(layer.inputs, Chunks):
             self._forward_chunks(layer, layer.inputs.split(cap), timer)
             return
-        if cap is not None and layer.inputs.shape[0] * layer.inputs.shape[1] > cap:
+        steps = self._waves(layer)
+        too_many = cap is not None and layer.inputs.shape[0] * layer.inputs.shape[1] > cap
+        if too_many or any(len(w) > 1 for w in steps):
+            # A wave needs every member's input before any member runs: partial forwards.
             whole = Chunks([layer.inputs], [layer.kwargs])
             self._forward_chunks(layer, whole.split(cap), timer)
             assert isinstance(layer.outputs, Chunks)
             layer.outputs = torch.cat(layer.outputs.parts)  # one length: a tensor again
             return
-        groups = self._groups(layer)
+        groups = [g for (g,) in steps]
         group_of = {layer.targets[n].module: gi for gi, g in enumerate(groups) for n in g}
         done: set[int] = set()
 
@@ -425,8 +461,7 @@ class LayerLoop:
             gi = group_of[mod]
             if gi not in done:
                 done.add(gi)
-                names = groups[gi]
-                self._group(layer, names, [layer.targets[n] for n in names], args[0], timer)
+                self._wave(layer, [groups[gi]], [args[0]], timer)
 
         handles = [m.register_forward_pre_hook(hook) for m in group_of]
         try:
@@ -448,27 +483,29 @@ class LayerLoop:
 
         A group's statistics must cover every chunk before its ``on_group`` hooks run
         (the solve needs the whole Hessian), and the groups after it must see its
-        quantized outputs. So for each group in call order, every chunk runs forward up
-        to the group's first module and stops there; the inputs collected from all
-        chunks become ``group.inputs`` (a list, one tensor per chunk) and the group's
-        hooks run; a last full forward of every chunk gives the layer's outputs. A
-        layer of G groups costs up to G+1 partial forwards instead of one; each
-        sample's arithmetic is the same as in one forward (Linears compute sample by
-        sample), so the result does not depend on how samples are chunked.
+        quantized outputs. So for each group (or wave of groups) in call order, every
+        chunk runs forward until each of its groups' first module has been called, and
+        stops there; the inputs collected from all chunks become ``group.inputs`` (a
+        list, one tensor per chunk) and the hooks run; a last full forward of every
+        chunk gives the layer's outputs. A layer of G groups and waves costs up to G+1
+        partial forwards instead of one; each sample's arithmetic is the same as in one
+        forward (Linears compute sample by sample), so the result does not depend on
+        how samples are chunked.
 
         With a ``sink`` (spilled hidden states) each output chunk goes to its file as
         soon as it is computed, and the layer's outputs are that file's chunks.
         """
-        groups = self._groups(layer)
         device = self.ctx.device
         with per_sample_linears(layer.module), torch.inference_mode():
-            for names in groups:
-                first = layer.targets[names[0]].module
-                inputs = [
-                    run_until(layer.module, first, x.to(device), kw)
+            for wave in self._waves(layer):
+                firsts = [layer.targets[names[0]].module for names in wave]
+                per_chunk = [
+                    run_until(layer.module, firsts, x.to(device), kw)
                     for x, kw in zip(chunks.parts, chunks.kwargs)
                 ]
-                self._group(layer, names, [layer.targets[n] for n in names], inputs, timer)
+                inputs = [[got[i] for got in per_chunk] for i in range(len(wave))]
+                del per_chunk
+                self._wave(layer, wave, inputs, timer)
             parts = []
             try:
                 for x, kw in zip(chunks.parts, chunks.kwargs):
@@ -514,6 +551,10 @@ class LayerLoop:
             traced = trace_groups(layer.module, x, kwargs, layer.targets)
             self._group_cache[key] = [[n[cut:] for n in g] for g in traced]
         return [[f"{layer.name}.{n}" for n in g] for g in self._group_cache[key]]
+
+    def _waves(self, layer: LayerRun) -> list[list[list[str]]]:
+        """The layer's groups in call order, a wave's groups together (see :func:`waves`)."""
+        return waves(self._groups(layer), layer.targets)
 
     def _restore_layer(self, prefix: str) -> Any:
         """Rebuilds a finished layer from a resume point: each stage reapplies its part."""

@@ -197,6 +197,8 @@ class Runner:
             "coverage": state.coverage,
             "ranks": ranks,
             "bytes_communicated": self.ctx.bytes_sent,
+            # All-reduces and broadcasts this rank took part in (rank 0; the same on every rank).
+            "collectives": self.ctx.collectives,
             "torch_threads": torch.get_num_threads(),
         }
         return report

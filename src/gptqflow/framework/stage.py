@@ -19,12 +19,20 @@ A stage is two classes in one file under ``stages/`` (or in another installed pa
   ``on_group(group, ctx)``    per group of modules that read one input, the moment the
                               layer's forward reaches it (statistics, reduce, solve,
                               install)
+  ``on_groups(groups, ctx)``  per *wave*: groups that are independent of each other
+                              and reached together (one MoE block's experts); by
+                              default ``on_group`` for each, in order
   ``after_layer(layer, ctx)``  per decoder layer, after its forward
   ==========================  ==========================================================
 
-  A stage that overrides any of the three layer hooks is a *layer stage*: consecutive
+  A stage that overrides any of the layer hooks is a *layer stage*: consecutive
   layer stages form one layer loop (:mod:`gptqflow.framework.layerloop`), and at every
   hook point they run in recipe order.
+
+  The loop always calls ``on_groups``; a plain group is a wave of one. A stage
+  overrides ``on_groups`` when it does better with the whole wave at hand: one
+  collective for many small groups, or whole groups placed on different ranks
+  instead of every group's rows cut over all of them.
 
 Resume points (:mod:`gptqflow.framework.resume`) ask stages for what they must keep:
 ``save_layer``/``restore_layer`` for what a layer stage changed in a finished layer
@@ -35,6 +43,7 @@ perplexity). A stage that keeps nothing needs neither.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,7 +85,14 @@ class StageConfig(BaseModel):
         return []
 
 
-_LAYER_HOOKS = ("before_loop", "before_layer", "on_group", "after_layer", "after_loop")
+_LAYER_HOOKS = (
+    "before_loop",
+    "before_layer",
+    "on_group",
+    "on_groups",
+    "after_layer",
+    "after_loop",
+)
 
 
 class Stage:
@@ -107,6 +123,15 @@ class Stage:
 
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
         """One group of target modules that read the same input, before they run."""
+
+    def on_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        """A wave of independent groups (see the module docstring), before any of them runs.
+
+        Every group's inputs are ready. The default runs :meth:`on_group` for each group
+        in order, so a stage that handles one group at a time need not know waves exist.
+        """
+        for group in groups:
+            self.on_group(group, ctx)
 
     def after_layer(self, layer: LayerRun, ctx: DistContext) -> None:
         """After the layer's forward (its outputs are the next layer's inputs).

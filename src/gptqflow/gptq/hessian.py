@@ -106,6 +106,11 @@ class HessianSum:
         self.sum += other.sum.to(device=self.sum.device, dtype=torch.float64)
         self.count += other.count
 
+    @property
+    def packed_numel(self) -> int:
+        """Length of :meth:`packed`: the strips' values and the count."""
+        return sum((b - a) * (self.cols - a) for a, b in _strips(self.cols)) + 1
+
     def packed(self) -> torch.Tensor:
         """The accumulated strips and the token count, as one float64 vector.
 

@@ -33,6 +33,13 @@ Two planners:
   :func:`plan_solve` runs it for a local and for a shared factorisation and keeps
   the faster.
 
+A *wave* is many independent groups ready at once (one MoE block's experts, each with
+its own Hessian). :func:`plan_wave` places whole groups on ranks, longest predicted
+solve first onto the least loaded rank, so each expert's Hessian is factorised once
+and the ranks work side by side; it cuts each group's rows over the ranks instead
+(one group after another, as above) when that is predicted faster, e.g. a wave of
+fewer groups than ranks.
+
 For comparison, :func:`balance_by_columns` is the llm-compressor style balancer
 (whole modules of a layer, packed by column count, one Hessian per module), and
 :func:`layer_prediction` predicts per-rank time, imbalance, bytes and speedup of
@@ -59,12 +66,16 @@ __all__ = [
     "RowSlice",
     "SolvePlan",
     "balance_by_columns",
+    "buckets",
     "layer_prediction",
+    "pack_groups",
     "plan_digest",
     "plan_group",
     "plan_solve",
+    "plan_wave",
     "rank_seconds",
     "split_rows",
+    "wave_steps",
 ]
 
 Planner = Literal["cost", "columns", "even"]
@@ -302,6 +313,92 @@ def plan_digest(plan: Sequence[RowSlice]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------- waves
+def group_seconds(rows: Sequence[int], cols: int, cost: CostModel, *, solves: bool = True) -> float:
+    """One rank solving a whole group: a factorisation and its modules' sweeps.
+
+    Costed like any plan (:func:`rank_seconds` of the one-rank plan), so a packed wave
+    and a cut one are compared on the same terms. ``solves=False``: the group is
+    rounded to nearest (too few tokens, or ``rtn``), which costs an elementwise pass,
+    counted as the sweep's per-row-column term.
+    """
+    if not solves:
+        return cost.sweep_s_per_row_col * sum(rows) * cols
+    return rank_seconds(split_rows(list(rows), 1), cols, cost, 1)[0]
+
+
+def buckets(sizes: Sequence[int], cap: int) -> list[list[int]]:
+    """Consecutive indices whose sizes add up to at most ``cap`` (a larger item alone).
+
+    How a wave's Hessians are joined into all-reduces (``hessian-reduce``'s
+    ``bucket_size``); a pure function of the sizes, so every rank cuts the same buckets.
+    """
+    out: list[list[int]] = []
+    used = cap
+    for i, n in enumerate(sizes):
+        if used + n > cap or not out:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    return out
+
+
+def pack_groups(seconds: Sequence[float], world_size: int) -> list[int]:
+    """The owner rank of each whole group: longest first onto the least loaded rank.
+
+    Ties keep the groups' order and go to the lowest rank, so the result is a pure
+    function of its arguments (every rank computes the same owners).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    load = [0.0] * world_size
+    owner = [0] * len(seconds)
+    for i in sorted(range(len(seconds)), key=lambda i: -seconds[i]):
+        r = load.index(min(load))
+        owner[i] = r
+        load[r] += seconds[i]
+    return owner
+
+
+def plan_wave(
+    groups: Sequence[tuple[Sequence[int], int]],
+    world_size: int,
+    cost: CostModel,
+    *,
+    solves: Sequence[bool] | None = None,
+    tolerance: float = 0.0,
+) -> tuple[list[SolvePlan], float]:
+    """Plans for a wave of independent groups (``(rows, cols)`` each) and its predicted seconds.
+
+    Packed: every group whole on the rank :func:`pack_groups` gives it; the wave takes
+    the most loaded rank's time. Cut: :func:`plan_solve` for each group, one after
+    another; the wave takes the sum of their times. The faster wins (packed on a tie).
+    ``solves[i]`` is False for a group that will be rounded to nearest.
+    """
+    solving = list(solves) if solves is not None else [True] * len(groups)
+    seconds = [
+        group_seconds(rows, cols, cost, solves=ok) for (rows, cols), ok in zip(groups, solving)
+    ]
+    owner = pack_groups(seconds, world_size)
+    load = [0.0] * world_size
+    for r, t in zip(owner, seconds):
+        load[r] += t
+    packed = [
+        SolvePlan(tuple(RowSlice(r, m, 0, n) for m, n in enumerate(rows) if n > 0), False, t)
+        for (rows, _cols), r, t in zip(groups, owner, seconds)
+    ]
+    packed_s = max(load) if load else 0.0
+    cut = [
+        plan_solve(rows, cols, world_size, cost, tolerance=tolerance)
+        if ok
+        else SolvePlan(tuple(split_rows(list(rows), 1)), False, t)
+        for (rows, cols), ok, t in zip(groups, solving, seconds)
+    ]
+    cut_s = sum(p.seconds for p in cut)
+    return (packed, packed_s) if packed_s <= cut_s else (cut, cut_s)
+
+
 # ---------------------------------------------------------------------- column-count baseline
 def balance_by_columns(cols: Sequence[int], world_size: int) -> list[int]:
     """llm-compressor's balancer: the owner rank of each whole module, by column count only.
@@ -326,11 +423,16 @@ def balance_by_columns(cols: Sequence[int], world_size: int) -> list[int]:
 # ---------------------------------------------------------------------- predictions
 @dataclass(frozen=True)
 class GroupShape:
-    """The Linear modules of one layer that read the same input (and share a Hessian)."""
+    """The Linear modules of one layer that read the same input (and share a Hessian).
+
+    ``wave``: consecutive groups with the same key form a wave (``Target.wave``: one
+    MoE block's experts), planned together by :func:`plan_wave`.
+    """
 
     names: tuple[str, ...]
     rows: tuple[int, ...]
     cols: int
+    wave: str | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +447,8 @@ class GroupPrediction:
     factor_seconds: float  # of the factorisation the plan uses (shared: each rank's share)
     single_rank_seconds: float
     shared_factor: bool = False
+    rank_set: tuple[int, ...] = ()  # the ranks that solve rows of it
+    wave: str | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +495,17 @@ class LayerPrediction:
         return self.single_rank_seconds / total if total > 0 else 1.0
 
 
+def wave_steps(groups: Sequence[GroupShape]) -> list[list[GroupShape]]:
+    """Consecutive groups with the same ``wave`` key together; every other group alone."""
+    out: list[list[GroupShape]] = []
+    for g in groups:
+        if g.wave is not None and out and out[-1][0].wave == g.wave:
+            out[-1].append(g)
+        else:
+            out.append([g])
+    return out
+
+
 def layer_prediction(
     groups: Sequence[GroupShape],
     world_size: int,
@@ -400,10 +515,13 @@ def layer_prediction(
     group_size: int = 128,
     scale_bytes: int = 2,
     tolerance: float = 0.0,
+    bucket_bytes: int | None = None,
 ) -> LayerPrediction:
     """Predict one layer's solve at ``world_size`` ranks with ``planner``.
 
-    ``cost``: :func:`plan_solve` per group; ``even``: :func:`split_rows` per group
+    ``cost``: :func:`plan_solve` per group, :func:`plan_wave` per wave (whose Hessians
+    travel in all-reduces of up to ``bucket_bytes``, None: one per group, and whose
+    codes in one broadcast per owner rank); ``even``: :func:`split_rows` per group
     (the previous planner); ``columns``: :func:`balance_by_columns` over all the
     layer's modules, each solved whole with its own Hessian and factorisation.
     """
@@ -416,41 +534,61 @@ def layer_prediction(
     q_bytes = 0
     comm = 0.0
     out: list[GroupPrediction] = []
-    for g in groups:
-        shared = False
-        if planner == "cost":
-            solve = plan_solve(g.rows, g.cols, world_size, cost, tolerance=tolerance)
-            plan, shared = list(solve.slices), solve.shared_factor
+    for step in wave_steps(groups) if planner == "cost" else [[g] for g in groups]:
+        if len(step) > 1:
+            plans, wave_s = plan_wave([(g.rows, g.cols) for g in step], world_size, cost)
         else:
-            plan = split_rows(list(g.rows), world_size)
-        times = rank_seconds(plan, g.cols, cost, world_size, shared_factor=shared)
-        one = rank_seconds(split_rows(list(g.rows), 1), g.cols, cost, 1)[0]
-        busy = [a + b for a, b in zip(busy, times)]
-        seconds += max(times)
-        single += one
-        hb = hessian_bytes(g.cols)
-        qb = sum(qparam_bytes(s.rows, g.cols, group_size, scale_bytes) for s in plan)
-        h_bytes += hb
-        q_bytes += qb
-        comm += cost.allreduce_seconds(hb, world_size)
-        # (a shared factorisation's panel broadcasts are inside its factor time)
-        comm += sum(
-            cost.broadcast_seconds(
-                qparam_bytes(s.rows, g.cols, group_size, scale_bytes), world_size
+            g = step[0]
+            if planner == "cost":
+                plans = [plan_solve(g.rows, g.cols, world_size, cost, tolerance=tolerance)]
+            else:
+                even = split_rows(list(g.rows), world_size)
+                plans = [
+                    SolvePlan(tuple(even), False, max(rank_seconds(even, g.cols, cost, world_size)))
+                ]
+            wave_s = plans[0].seconds
+        seconds += wave_s
+        hessians = [hessian_bytes(g.cols) for g in step]
+        cap = bucket_bytes if bucket_bytes is not None else 0
+        for bucket in buckets(hessians, cap):
+            comm += cost.allreduce_seconds(sum(hessians[i] for i in bucket), world_size)
+        h_bytes += sum(hessians)
+        by_owner: dict[int, int] = {}
+        for g, plan in zip(step, plans):
+            times = rank_seconds(
+                plan.slices, g.cols, cost, world_size, shared_factor=plan.shared_factor
             )
-            for s in plan
-        )
-        ranks = len({s.rank for s in plan})
-        factor = (
-            cost.shared_factor_seconds(g.cols, world_size)
-            if shared
-            else cost.factor_seconds(g.cols)
-        )
-        out.append(
-            GroupPrediction(
-                g.names, sum(g.rows), g.cols, ranks, max(times), factor, one, shared_factor=shared
+            one = rank_seconds(split_rows(list(g.rows), 1), g.cols, cost, 1)[0]
+            busy = [a + b for a, b in zip(busy, times)]
+            single += one
+            for s in plan.slices:
+                qb = qparam_bytes(s.rows, g.cols, group_size, scale_bytes)
+                q_bytes += qb
+                if len(step) > 1:
+                    by_owner[s.rank] = by_owner.get(s.rank, 0) + qb
+                else:
+                    comm += cost.broadcast_seconds(qb, world_size)
+            # (a shared factorisation's panel broadcasts are inside its factor time)
+            factor = (
+                cost.shared_factor_seconds(g.cols, world_size)
+                if plan.shared_factor
+                else cost.factor_seconds(g.cols)
             )
-        )
+            out.append(
+                GroupPrediction(
+                    g.names,
+                    sum(g.rows),
+                    g.cols,
+                    len({s.rank for s in plan.slices}),
+                    max(times),
+                    factor,
+                    one,
+                    shared_factor=plan.shared_factor,
+                    rank_set=tuple(sorted({s.rank for s in plan.slices})),
+                    wave=g.wave,
+                )
+            )
+        comm += sum(cost.broadcast_seconds(b, world_size) for b in by_owner.values())
     return LayerPrediction(
         planner, world_size, tuple(busy), seconds, single, h_bytes, q_bytes, comm, tuple(out)
     )

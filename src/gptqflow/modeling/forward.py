@@ -159,23 +159,30 @@ def capture_layer_inputs(
 
 
 def run_until(
-    layer: nn.Module, module: nn.Module, x: torch.Tensor, kwargs: Mapping[str, Any]
-) -> torch.Tensor:
-    """The input of ``module``'s first call in ``layer``'s forward over ``x``; stops there."""
-    got: list[torch.Tensor] = []
+    layer: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, kwargs: Mapping[str, Any]
+) -> list[torch.Tensor]:
+    """The input of each of ``modules``' first call in ``layer``'s forward over ``x``.
 
-    def grab(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-        got.append(args[0])
-        raise _StopForward
+    The forward stops as soon as every module has been called once, so the modules
+    of a wave (one MoE block's experts) are reached in one partial forward.
+    """
+    got: dict[nn.Module, torch.Tensor] = {}
 
-    handle = module.register_forward_pre_hook(grab)
+    def grab(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        got.setdefault(mod, args[0])
+        if len(got) == len(wanted):
+            raise _StopForward
+
+    wanted = set(modules)
+    handles = [m.register_forward_pre_hook(grab) for m in wanted]
     try:
         with suppress(_StopForward):
             layer(x, **kwargs)
     finally:
-        handle.remove()
-    assert got, "the module is called in the layer's forward (trace_groups checked it)"
-    return got[0]
+        for h in handles:
+            h.remove()
+    assert len(got) == len(wanted), "the modules are called in the layer's forward (traced)"
+    return [got[m] for m in modules]
 
 
 def _split_samples(x: torch.Tensor, shape: Mapping[str, int]) -> list[torch.Tensor] | None:

@@ -11,7 +11,8 @@ the config alone:
   its Hessian (the float64 sum of the upper strips, half a float64 matrix, next to the
   float32 mean it is divided into: ``hessian-reduce`` frees the sum afterwards, and
   the solve's float32 mean plus its triangular factor are less) and four float32
-  copies of the group's weights (see ``_WEIGHT_COPIES``);
+  copies of the group's weights (see ``_WEIGHT_COPIES``); for a wave (an MoE block's
+  experts, handled together) every expert's Hessian and all routed tokens at once;
 * **finish** (rank 0, after the last layer): the largest tensor outside the layers
   (``save`` reads, writes and drops them one at a time).
 
@@ -23,12 +24,14 @@ is why ``base_bytes`` is a measured, not a computed, number.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from gptqflow.gptq.cost import hessian_bytes
+from gptqflow.gptq.plan import GroupShape, wave_steps
 from gptqflow.modeling.structure import decoder_layers
 
 #: Resident bytes of a rank before it reads any weight (Python, torch, transformers,
@@ -71,7 +74,7 @@ def _bytes(tensors: Any) -> int:
 
 def predict_rank_memory(
     model: nn.Module,
-    groups: list[list[tuple[int, int]]],
+    groups: Sequence[GroupShape],
     tokens_per_rank: int,
     *,
     main_rank: bool = True,
@@ -79,9 +82,9 @@ def predict_rank_memory(
 ) -> MemoryPrediction:
     """Peak host bytes of one rank quantizing ``model`` (built on the meta device).
 
-    ``groups``: per group of the largest layer, the (rows, cols) of its modules (one
-    Hessian per group). ``tokens_per_rank``: the rank's calibration tokens (its share
-    of ``num_samples`` x ``seq_len``).
+    ``groups``: the groups of the largest layer (one Hessian per group; a wave's groups,
+    an MoE block's experts, are all held at once). ``tokens_per_rank``: the rank's
+    calibration tokens (its share of ``num_samples`` x ``seq_len``).
     """
     prefix, layers = decoder_layers(model)
     hidden = int(getattr(model.config, "hidden_size", 0))
@@ -89,16 +92,18 @@ def predict_rank_memory(
     outside = [p for n, p in model.named_parameters() if not n.startswith(f"{prefix}.")]
     states = tokens_per_rank * hidden * act
     layer_weights = max(_bytes(layer.parameters()) for layer in layers)
+    # A token reaches num_experts_per_tok experts: a wave's inputs hold it that many times.
+    top_k = int(getattr(model.config, "num_experts_per_tok", None) or 1)
     group_peak = 0
-    for group in groups:
-        cols = group[0][1]
-        rows = sum(r for r, _ in group)
+    for step in wave_steps(groups):
+        tokens = tokens_per_rank * (top_k if len(step) > 1 else 1)
         group_peak = max(
             group_peak,
-            tokens_per_rank * cols * act  # the group's inputs
-            + hessian_bytes(cols)  # the float64 sum of the upper strips (+ token count)
-            + cols * cols * 4  # the float32 mean
-            + _WEIGHT_COPIES * rows * cols * act,
+            tokens * step[0].cols * act  # the inputs (a wave's: every routed token)
+            # per group: the float64 sum of the upper strips (+ token count), the float32 mean
+            + sum(hessian_bytes(g.cols) + g.cols * g.cols * 4 for g in step)
+            # the solve's copies, one group at a time
+            + max(_WEIGHT_COPIES * sum(g.rows) * g.cols * act for g in step),
         )
     return MemoryPrediction(
         base=base_bytes,

@@ -8,7 +8,12 @@ A :class:`Target` is one 2-D weight the pipeline quantizes. Every kind knows
   pre-hooks see it; two targets may share one, e.g. the gate and up halves of a fused
   ``gate_up_proj``);
 * ``source``: the full name of the parameter it lives in (a fused 3-D parameter holds
-  many targets), so the checkpoint writer knows which in-memory tensors it replaces.
+  many targets), so the checkpoint writer knows which in-memory tensors it replaces;
+* ``wave``: a key shared by targets that are independent of each other and whose inputs
+  are computed at the same point of the forward (the experts of one fused parameter:
+  no expert reads another's output), or None. The layer loop hands the groups of one
+  wave to the stages together (``Stage.on_groups``), so the solve can place whole
+  experts on different ranks and the collectives can carry many experts at once.
 
 The kinds, discovered by type (never by architecture name):
 
@@ -78,6 +83,11 @@ class Target:
         rows, cols = self.shape
         return rows * cols
 
+    @property
+    def wave(self) -> str | None:
+        """Key of the targets solved together with this one as independent groups, or None."""
+        return None
+
     def install(self, value: torch.Tensor) -> None:
         """Write ``value`` (``out x in``) into the model's parameter."""
         with torch.no_grad():
@@ -135,6 +145,11 @@ class ExpertTarget(Target):
     @property
     def expert(self) -> int:
         return self.index
+
+    @property
+    def wave(self) -> str | None:
+        """Every expert's slices of one fused parameter: the experts run side by side."""
+        return self.source
 
     @property
     def weight(self) -> torch.Tensor:

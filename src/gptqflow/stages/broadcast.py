@@ -5,8 +5,8 @@ Provides: ``quantized``: the dequantized weights installed in the group's module
 the rest of the layer runs on them) and ``state.quantized[name]`` (codes, scales, zero
 points) for every module, on every rank. Keeps the codes of every finished layer in
 resume points and reinstalls them on resume.
-Collectives: per group, one asynchronous broadcast from each rank that owns slices
-of it: one byte buffer (``gptq/wire.py``) with all its slices' integers (codes two
+Collectives: per group, or per wave of groups (an MoE block's experts), one
+asynchronous broadcast from each rank that owns slices of them: one byte buffer (``gptq/wire.py``) with all its slices' integers (codes two
 to a byte for 4-bit schemes, int8 otherwise; scales, zero points, loss and damping,
 and the g_idx for act-order groups); all are issued before any is waited on. Dense
 float weights are never sent: every rank dequantizes the same integers with the same
@@ -21,6 +21,7 @@ stages:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,39 +45,49 @@ class BroadcastStage(Stage):
         self.args = recipe.scheme.quant_args()
 
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
-        cols = group.cols
-        ng = cols // effective_group_size(cols, self.args)
-        dtype = group.weights[0].dtype
-        by_owner: dict[int, list[Any]] = {}
-        for s in group.plan:
-            by_owner.setdefault(s.rank, []).append(s)
-        sent: dict[int, tuple[torch.Tensor, list[wire.Field]]] = {}
+        self.on_groups([group], ctx)
+
+    def on_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        """One buffer per owner rank with every slice it solved in these groups; install all."""
+        by_owner: dict[int, list[tuple[GroupRun, Any]]] = {}
+        for group in groups:
+            for s in group.plan:
+                by_owner.setdefault(s.rank, []).append((group, s))
+        sent: dict[int, torch.Tensor] = {}
         handles: list[Handle] = []
-        for owner, slices in sorted(by_owner.items()):
-            fields = [f for s in slices for f in self._fields(s.rows, cols, ng, dtype)]
+        for owner, items in sorted(by_owner.items()):
+            fields = [f for g, s in items for f in self._fields(g, s.rows)]
             if owner == ctx.rank:
-                buf = wire.pack([t for s in slices for t in self._parts(group, s, dtype)])
+                buf = wire.pack([t for g, s in items for t in self._parts(g, s)])
             else:
                 buf = torch.empty(sum(f.nbytes for f in fields), dtype=torch.uint8)
             (arrived,), hs = ctx.broadcast_from(owner, [buf])
-            sent[owner] = (arrived, fields)
+            sent[owner] = arrived
             handles += hs
         for h in handles:
             h.wait()
-        received: dict[tuple[int, int], list[torch.Tensor]] = {}
-        per_slice = len(self._fields(1, cols, ng, dtype))
-        for owner, slices in by_owner.items():
-            buf, fields = sent[owner]
-            parts = wire.unpack(buf.cpu(), fields)
-            for k, s in enumerate(slices):
-                mine = parts[k * per_slice : (k + 1) * per_slice]
+        received: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        for owner, items in by_owner.items():
+            fields = [f for g, s in items for f in self._fields(g, s.rows)]
+            parts = wire.unpack(sent[owner].cpu(), fields)
+            at = 0
+            for g, s in items:
+                n = len(self._fields(g, s.rows))
+                mine = parts[at : at + n]
+                at += n
                 if self._packs_codes:
-                    mine[0] = wire.from_nibbles(mine[0], cols)
-                received[(s.module, s.start)] = mine
+                    mine[0] = wire.from_nibbles(mine[0], g.cols)
+                received[(g.index, s.module, s.start)] = mine
+        for group in groups:
+            self._install(group, received)
+
+    def _install(
+        self, group: GroupRun, received: dict[tuple[int, int, int], list[torch.Tensor]]
+    ) -> None:
         state = group.layer.state
         for m, (name, mod) in enumerate(zip(group.names, group.modules)):
             slices = sorted((s for s in group.plan if s.module == m), key=lambda s: s.start)
-            got = [received[(m, s.start)] for s in slices]
+            got = [received[(group.index, m, s.start)] for s in slices]
             codes = {
                 "qweight": torch.cat([p[0] for p in got]),
                 "scale": torch.cat([p[1] for p in got]),
@@ -91,8 +102,11 @@ class BroadcastStage(Stage):
     def _packs_codes(self) -> bool:
         return self.args.bits <= 4
 
-    def _fields(self, rows: int, cols: int, ng: int, dtype: torch.dtype) -> list[wire.Field]:
+    def _fields(self, group: GroupRun, rows: int) -> list[wire.Field]:
         """What one slice sends: codes, scales, zero points, loss and damping, g_idx."""
+        cols = group.cols
+        ng = cols // effective_group_size(cols, self.args)
+        dtype = group.weights[0].dtype
         fields = [
             wire.nibble_field(rows, cols)
             if self._packs_codes
@@ -105,8 +119,9 @@ class BroadcastStage(Stage):
             fields.append(wire.Field((cols,), torch.int32))
         return fields
 
-    def _parts(self, group: GroupRun, s: Any, dtype: torch.dtype) -> list[torch.Tensor]:
+    def _parts(self, group: GroupRun, s: Any) -> list[torch.Tensor]:
         r = group.results[(s.module, s.start)]
+        dtype = group.weights[0].dtype
         q = r.qweight.cpu()
         parts = [
             wire.nibbles(q) if self._packs_codes else q,

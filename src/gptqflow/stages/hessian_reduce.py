@@ -8,39 +8,70 @@ largest tensor of a group (``cols² x 8`` bytes: 6.6 GB for a 28672-column down_
 and nothing after the division needs it.
 Collectives: one all-reduce per group of the accumulated strips of the sum with the
 token count appended (``HessianSum.packed``: the lower triangle is never accumulated,
-so about half the bytes of the whole matrix). At world size 1 it is a no-op.
+so about half the bytes of the whole matrix). The groups of a wave (one MoE block's
+experts: hundreds of small Hessians) travel in buckets: their packed sums joined into
+one buffer of up to ``bucket_size`` bytes (a group larger than that goes alone), one
+all-reduce per bucket. At world size 1 it is a no-op.
 
 ```yaml
 stages:
-  hessian-reduce: {}
+  hessian-reduce:
+    bucket_size: 256MB
 ```
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
+import torch
+from pydantic import Field, field_validator
+
+from gptqflow.fileio import parse_size
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.registry import register_stage
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun
+from gptqflow.gptq.hessian import HessianSum
+from gptqflow.gptq.plan import buckets
 
 
 class HessianReduceStage(Stage):
     config: HessianReduceConfig
 
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
-        local = group.hessian
-        assert local is not None, "contracts: hessian-reduce requires group.hessian"
-        total, handle = ctx.all_reduce_sum(local.packed())
+        self.on_groups([group], ctx)
+
+    def on_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        cap = parse_size(self.config.bucket_size)
+        sizes = [_local(g).packed_numel * 8 for g in groups]  # float64 bytes
+        for bucket in buckets(sizes, cap):
+            self._reduce([groups[i] for i in bucket], ctx)
+
+    def _reduce(self, groups: list[GroupRun], ctx: DistContext) -> None:
+        """One all-reduce for the packed sums of ``groups``; then each divided once."""
+        sums = [_local(g) for g in groups]
+        packed = torch.cat([h.packed() for h in sums]) if len(sums) > 1 else sums[0].packed()
+        total, handle = ctx.all_reduce_sum(packed)
         handle.wait()
-        local.load_packed(total.to(local.sum.device))  # the global sum, in place
-        del total, handle  # the packed copy (half a float64 matrix) goes before the division
-        group.tokens = local.count
-        # A group no token reached (an expert the router never chose) has no Hessian;
-        # solve's min_tokens rule rounds it to nearest.
-        group.reduced_hessian = local.finalize() if local.count else None
-        group.hessian = None
+        offset = 0
+        for local in sums:
+            n = local.packed_numel
+            local.load_packed(total[offset : offset + n].to(local.sum.device))  # in place
+            offset += n
+        del packed, total, handle  # the packed copies go before the divisions
+        for group, local in zip(groups, sums):
+            group.tokens = local.count
+            # A group no token reached (an expert the router never chose) has no Hessian;
+            # solve's min_tokens rule rounds it to nearest.
+            group.reduced_hessian = local.finalize() if local.count else None
+            group.hessian = None
+
+
+def _local(group: GroupRun) -> HessianSum:
+    assert group.hessian is not None, "contracts: hessian-reduce requires group.hessian"
+    return group.hessian
 
 
 @register_stage("hessian-reduce", HessianReduceStage)
@@ -50,3 +81,16 @@ class HessianReduceConfig(StageConfig):
     stage: Literal["hessian-reduce"] = "hessian-reduce"
     REQUIRES = ("group.hessian",)
     PROVIDES = ("group.reduced_hessian",)
+    bucket_size: str = Field(
+        "256MB",
+        description="Most bytes of one all-reduce that carries the Hessians of a wave's groups "
+        "(an MoE block's experts) together (500MB, 1GiB ...): fewer, larger messages, and at "
+        "most this much extra memory for the joined buffer. A larger Hessian goes alone.",
+        json_schema_extra={"unit": "bytes"},
+    )
+
+    @field_validator("bucket_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)  # raises ValueError with the allowed spellings
+        return value

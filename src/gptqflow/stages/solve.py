@@ -13,7 +13,9 @@ rank and whether the ranks share the factorisation: see :mod:`gptqflow.gptq.plan
 ``group.results`` (this rank's slices). Collectives: none for a local factorisation;
 for a shared one, one asynchronous broadcast per factor panel, in which every rank
 takes part (:class:`RankExchange`). The plan is a pure function of the group's shapes
-and the world size, so every rank computes the same plan without talking; the solver
+and the world size, so every rank computes the same plan without talking (a wave of
+independent groups, an MoE block's experts, is planned together: whole experts placed
+on ranks by predicted cost, see :func:`~gptqflow.gptq.plan.plan_wave`); the solver
 itself is a pure function of (weight, Hessian, quant args): how panels travel is
 handed to it.
 
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -62,7 +65,7 @@ from gptqflow.gptq.cholesky import LOCAL, PanelExchange
 from gptqflow.gptq.cost import CostModel
 from gptqflow.gptq.gptaq import asymmetric_target
 from gptqflow.gptq.numerics import count_nonfinite
-from gptqflow.gptq.plan import RowSlice, plan_solve, split_rows
+from gptqflow.gptq.plan import RowSlice, plan_solve, plan_wave, split_rows
 from gptqflow.gptq.quantizer import quantization_loss, rtn_quantize
 from gptqflow.gptq.solver import CholeskyError, HessianFactor, prepare_factor, solve_rows
 from gptqflow.gptq.types import QuantResult
@@ -119,8 +122,53 @@ class SolveStage(Stage):
                 "+".join(n.rsplit(".", 1)[-1] for n in group.names)
             )
 
+    def plan_wave(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        """A wave of independent groups (an MoE block's experts): whole groups onto ranks.
+
+        :func:`~gptqflow.gptq.plan.plan_wave` packs them by predicted seconds (a group
+        the min_tokens rule rounds to nearest costs almost nothing), or cuts each over
+        the ranks when that is faster; the ``even`` planner cuts every group. The
+        layer's report.json entry gets one ``waves`` item: groups per rank.
+        """
+        if self.config.method in SOLVERS and self.config.planner == "even":
+            for group in groups:
+                self.plan(group, ctx)
+            return
+        solves = [
+            self.config.method in SOLVERS
+            and (g.tokens is None or g.tokens >= self.config.min_tokens)
+            for g in groups
+        ]
+        plans, _ = plan_wave(
+            [(g.rows, g.cols) for g in groups], ctx.world_size, self.cost_model(ctx), solves=solves
+        )
+        per_rank = [0] * ctx.world_size
+        for group, plan in zip(groups, plans):
+            group.plan, group.shared_factor = list(plan.slices), plan.shared_factor
+            for r in {s.rank for s in plan.slices}:
+                per_rank[r] += 1
+            if plan.shared_factor:
+                group.layer.report["shared_factor"].append(
+                    "+".join(n.rsplit(".", 1)[-1] for n in group.names)
+                )
+        groups[0].layer.report.setdefault("waves", []).append(
+            {"groups": len(groups), "groups_per_rank": per_rank}
+        )
+
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
         self.plan(group, ctx)
+        self._solve(group, ctx)
+
+    def on_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        if len(groups) == 1:
+            self.on_group(groups[0], ctx)
+            return
+        self.plan_wave(groups, ctx)
+        for group in groups:
+            self._solve(group, ctx)
+
+    def _solve(self, group: GroupRun, ctx: DistContext) -> None:
+        """This rank's slices of the group's plan: GPTQ, GPTAQ or round-to-nearest."""
         args = self.args
         state = group.layer.state
         mine = [s for s in group.plan if s.rank == ctx.rank]
