@@ -81,6 +81,9 @@ class Method:
 # Hessian-aware ones; GPTQ and GPTAQ the scheme's mse observer or the Hessian-aware one.
 _RTN = ("model=smollm2", f"scheme.group_size={GROUP_SIZE}")
 _HESSIAN = ("scheme.observer=hessian",)
+# Spelled out, so the rows do not change meaning with the method group's default.
+_GPTAQ = ("method=gptaq", "stages.float-path.sample_stride=4")
+_GPTAQ_S1 = ("method=gptaq", "stages.float-path.sample_stride=1")
 
 
 def _methods() -> tuple[Method, ...]:
@@ -101,9 +104,17 @@ def _methods() -> tuple[Method, ...]:
                 (*scheme, *_HESSIAN, "stages.solve.method=rtn"),
             ),
             Method(f"gptq-h-{w}", "GPTQ", bits, "smollm2_w4a16", (*scheme, *_HESSIAN)),
-            Method(f"gptaq-{w}", "GPTAQ", bits, "smollm2_w4a16", (*scheme, "method=gptaq")),
+            # method=gptaq as shipped: the float path on every 4th calibration sample.
+            Method(f"gptaq-{w}", "GPTAQ", bits, "smollm2_w4a16", (*scheme, *_GPTAQ)),
+            Method(f"gptaq-h-{w}", "GPTAQ", bits, "smollm2_w4a16", (*scheme, *_GPTAQ, *_HESSIAN)),
+            # Exact GPTAQ: the float path on every sample (stages.float-path.sample_stride=1).
+            Method(f"gptaq-s1-{w}", "GPTAQ-s1", bits, "smollm2_w4a16", (*scheme, *_GPTAQ_S1)),
             Method(
-                f"gptaq-h-{w}", "GPTAQ", bits, "smollm2_w4a16", (*scheme, "method=gptaq", *_HESSIAN)
+                f"gptaq-s1-h-{w}",
+                "GPTAQ-s1",
+                bits,
+                "smollm2_w4a16",
+                (*scheme, *_GPTAQ_S1, *_HESSIAN),
             ),
         ]
     return tuple(out)
@@ -113,7 +124,7 @@ def _methods() -> tuple[Method, ...]:
 METHODS = _methods()
 TABLE_ORDER = tuple(
     m.slug for bits in (4, 3) for m in METHODS if m.bits == bits
-)  # per width: GPTQ, RTN, RTN+h, GPTQ+h, GPTAQ, GPTAQ+h
+)  # per width: GPTQ, RTN, RTN+h, GPTQ+h, GPTAQ, GPTAQ+h, GPTAQ-s1, GPTAQ-s1+h
 
 
 # ---------------------------------------------------------------------- child process

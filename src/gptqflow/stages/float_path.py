@@ -17,7 +17,13 @@ layer's groups held while it runs.
 
 Sums are taken sample by sample (float32 product, float64 sum, one division at the
 end), and the float forward computes every Linear sample by sample, as the layer
-loop does, so 1 and N ranks produce the same statistic. The float hidden states are
+loop does, so 1 and N ranks produce the same statistic.
+
+``sample_stride: k`` keeps the float path for every k-th calibration sample only (by
+its index in the whole calibration set, so every world size picks the same samples):
+the extra forward and ``D``'s products cost k times less, and ``D`` is the mean over
+those samples' tokens, while the Hessian still sees every token. It needs samples of
+one length (the text route, or ``dataset.packing``), whose indices are known. The float hidden states are
 not kept in resume points (they exist on each rank only), so a run with this stage
 cannot continue from one: it says so and stops.
 
@@ -33,11 +39,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from gptqflow.errors import GptqflowError
 from gptqflow.framework.distributed import DistContext
 from gptqflow.framework.registry import register_stage
+from gptqflow.framework.schema import Problem, Recipe
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun, LayerRun, Slot
 from gptqflow.gptq.gptaq import CrossSum
@@ -76,6 +84,8 @@ class FloatPathStage(Stage):
                 "the float model's hidden states are not kept in resume points; rerun from the "
                 "start (runtime.resume=false, or a new output_dir)"
             )
+        if layer.index == 0 and FLOAT_HIDDEN not in state.slots:
+            hidden = self._subset(hidden, state.sample_range)
         chunks = hidden if isinstance(hidden, Chunks) else Chunks([hidden], [layer.kwargs])
         chunks = chunks.split(state.recipe.runtime.max_forward_tokens)
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layer.targets}
@@ -100,8 +110,29 @@ class FloatPathStage(Stage):
             Chunks(outputs, chunks.kwargs) if isinstance(hidden, Chunks) else torch.cat(outputs)
         )
 
+    def _positions(self, sample_range: range) -> list[int]:
+        """This rank's samples (positions in its slice) whose global index is a multiple
+        of ``sample_stride``."""
+        k = self.config.sample_stride
+        return [p for p, i in enumerate(sample_range) if i % k == 0]
+
+    def _subset(self, hidden: torch.Tensor | Chunks, sample_range: range) -> torch.Tensor | Chunks:
+        """Layer 0's hidden states of the samples the float path follows."""
+        if self.config.sample_stride == 1:
+            return hidden
+        if not isinstance(hidden, torch.Tensor) or len(sample_range) != hidden.shape[0]:
+            raise GptqflowError(
+                f"stages.{self.config.id}.sample_stride={self.config.sample_stride} picks "
+                "samples by their index in the calibration set, which needs samples of one "
+                "length held in memory (the text route or dataset.packing=true, without "
+                "runtime.max_hidden_bytes spilling); set sample_stride=1"
+            )
+        return hidden[self._positions(sample_range)]
+
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
         quant = _samples(group.input_chunks)
+        if self.config.sample_stride > 1:
+            quant = [quant[p] for p in self._positions(group.layer.state.sample_range)]
         floats = _samples(group.layer.slots[FLOAT_INPUTS][group.names[0]])
         assert len(quant) == len(floats), "both paths hold the rank's samples, in order"
         cross = CrossSum.zeros(quant[0].shape[-1], device=quant[0].device)
@@ -138,3 +169,27 @@ class FloatPathConfig(StageConfig):
     stage: Literal["float-path"] = "float-path"
     REQUIRES = ("layer.inputs", "group.inputs")
     PROVIDES = (REDUCED_CROSS.name,)
+    sample_stride: int = Field(
+        1,
+        ge=1,
+        description="Follow the float model for every k-th calibration sample only (by index "
+        "in the whole calibration set, the same at every world size): the extra forward "
+        "and the cross term cost k times less; D is averaged over those samples' tokens. "
+        "1 = every sample. Needs samples of one length (text route or dataset.packing).",
+        json_schema_extra={"unit": "samples"},
+    )
+
+    def preflight(self, recipe: Recipe) -> list[Problem]:
+        """A stride picks samples by index: rows of a dataset kept at their own lengths have
+        no fixed place in the layer loop's batches, so it is refused for them up front."""
+        data = recipe.dataset
+        if self.sample_stride == 1 or data.path is None or data.packing:
+            return []
+        return [
+            Problem(
+                f"stages.{self.id}.sample_stride",
+                f"{self.sample_stride} picks calibration samples by index, which needs samples "
+                "of one length; dataset.path rows keep their own lengths here: set "
+                f"dataset.packing=true, or stages.{self.id}.sample_stride=1 (every sample)",
+            )
+        ]
