@@ -140,3 +140,20 @@ def test_gptaq_refuses_moe_experts(tiny_tokenizer_dir: Path, tmp_path: Path) -> 
     model = make_tiny_model(tmp_path / "model", "qwen3_moe", tiny_tokenizer_dir)
     with pytest.raises(GptqflowError, match="use method=gptq for MoE models"):
         run_tiny(model, tmp_path / "out", "method=gptaq")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_neox"])
+def test_renamed_and_fused_layouts_stream(
+    model_type: str, tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """Fused experts (assembled from their per-expert tensors) and renamed tensors
+    (gpt_neox's embed_out) are read layer by layer, and read back from the checkpoint
+    being written; the checkpoint is the one a whole-model load writes."""
+    model = make_tiny_model(tmp_path / "model", model_type, tiny_tokenizer_dir)
+    streamed = run_tiny(model, tmp_path / "stream")
+    eager = run_tiny(model, tmp_path / "eager", "model.weights=eager")
+    assert streamed["weights"]["mode"] == "stream", streamed["weights"]
+    assert eager["weights"]["mode"] == "eager"
+    a = (tmp_path / "stream" / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "eager" / "checkpoint" / "model.safetensors").read_bytes()
+    assert streamed["perplexity"] == eager["perplexity"]

@@ -17,7 +17,7 @@ refused with the tensor's name.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +31,7 @@ from gptqflow.modeling.targets import (
     unsupported_experts,
 )
 
-__all__ = ["CheckpointLayout"]
+__all__ = ["CheckpointLayout", "Piece", "assemble_experts"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,17 @@ class CheckpointLayout:
                 if named and disk_mod != mod and disk_mod not in out:
                     out.append(disk_mod)
         return out
+
+
+def assemble_experts(pieces: list[Piece], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The fused ``[E, rows, cols]`` parameter :meth:`CheckpointLayout.split` cut into
+    ``pieces`` (checkpoint name -> tensor in ``tensors``): the inverse of the split."""
+    experts: dict[int, list[torch.Tensor]] = {}
+    for p in sorted(pieces, key=lambda p: (p.expert, -1 if p.half is None else p.half)):
+        experts.setdefault(p.expert, []).append(tensors[p.name])
+    return torch.stack(
+        [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in experts.values()]
+    )
 
 
 def _fused_params(model: nn.Module) -> dict[str, tuple[int, bool]]:

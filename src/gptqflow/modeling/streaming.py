@@ -57,7 +57,7 @@ from gptqflow.modeling.checkpoint import (
     _tied_targets,
     build_quantization_config,
 )
-from gptqflow.modeling.layout import CheckpointLayout
+from gptqflow.modeling.layout import CheckpointLayout, assemble_experts
 from gptqflow.modeling.targets import Target
 
 log = logging.getLogger("gptqflow")
@@ -463,15 +463,25 @@ class StreamingCheckpoint:
             if full.endswith(".weight") and module in self.quantized - self.unpacked:
                 out[name] = self._dequantized(files, self.module_names.get(module, module), dtype)
             elif self.layout is not None and full in self.layout.pieces:
-                raise GptqflowError(
-                    f"{full} is a fused parameter; reading it back from the checkpoint is not "
-                    "supported (such models are loaded whole, not streamed)"
-                )
+                out[name] = self._fused(files, full, dtype)
             else:
                 out[name] = _read(
                     files, full if self.layout is None else self.layout.tensor_name(full)
                 )
         return out
+
+    def _fused(self, files: dict[str, Path], full: str, dtype: torch.dtype) -> torch.Tensor:
+        """A fused expert parameter assembled from its experts' written tensors."""
+        assert self.layout is not None
+        in_memory = {disk: mem for mem, disk in self.module_names.items()}
+        parts: dict[str, torch.Tensor] = {}
+        for piece in self.layout.pieces[full]:
+            module = piece.name.removesuffix(".weight")
+            if in_memory.get(module) in self.quantized - self.unpacked:
+                parts[piece.name] = self._dequantized(files, module, dtype)
+            else:
+                parts[piece.name] = _read(files, piece.name)
+        return assemble_experts(self.layout.pieces[full], parts)
 
     def _dequantized(self, files: dict[str, Path], module: str, dtype: torch.dtype) -> torch.Tensor:
         scale = _read(files, f"{module}.weight_scale")

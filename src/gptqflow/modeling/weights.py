@@ -10,6 +10,14 @@ model. Each read opens the file, copies the layer's tensors out and closes it: t
 file mapping is released with it, so no page of a finished layer stays counted
 against the process.
 
+The files hold the tensors under the names ``save_pretrained`` writes, which are not
+always the in-memory ones: transformers renames some while loading (gpt_neox's
+``embed_out`` is ``lm_head``) and fuses the experts of MoE blocks (Mixtral's
+``experts.K.w1``/``w3`` become ``gate_up_proj [E, 2I, H]``). The architecture's
+:class:`~gptqflow.modeling.layout.CheckpointLayout` (transformers' own conversion, read
+once) says where each in-memory tensor lives: a renamed tensor is read under its file
+name, and a fused one is assembled from its experts' tensors.
+
 A layer may only be released while its current values can be read again. Before
 quantization the original files hold them; once a stage changed a layer (the solve
 installs quantized weights), the layer stays resident until a stage writes it
@@ -29,6 +37,7 @@ from safetensors import safe_open
 from torch import nn
 
 from gptqflow.errors import GptqflowError
+from gptqflow.modeling.layout import CheckpointLayout, assemble_experts
 
 log = logging.getLogger("gptqflow")
 
@@ -37,20 +46,45 @@ LayerReader = Callable[[int, list[str]], dict[str, torch.Tensor]]
 
 
 class TensorFiles:
-    """Which safetensors file holds each tensor of a model directory (from the headers only)."""
+    """Which safetensors file holds each tensor of a model directory (from the headers only).
 
-    def __init__(self, files: Iterable[Path]) -> None:
+    With a ``layout`` the keys are in-memory names: a renamed tensor is found under its
+    file name, a fused expert parameter is assembled from its per-expert tensors.
+    """
+
+    def __init__(self, files: Iterable[Path], layout: CheckpointLayout | None = None) -> None:
         self.where: dict[str, Path] = {}
         for path in files:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                     self.where[key] = path
+        self.layout = layout
+
+    def _disk(self, key: str) -> list[str]:
+        """The file tensors that make the in-memory tensor ``key``."""
+        if self.layout is None:
+            return [key]
+        if key in self.layout.pieces:
+            return [p.name for p in self.layout.pieces[key]]
+        return [self.layout.tensor_name(key)]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.where
+        return all(k in self.where for k in self._disk(key))
 
     def read(self, keys: Iterable[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The tensors ``keys`` (each file opened once); no copy unless ``dtype`` casts."""
+        """The tensors ``keys`` (each file opened once); no copy unless ``dtype`` casts or
+        experts are assembled into one fused tensor."""
+        keys = list(keys)
+        got = self._read_disk([k for key in keys for k in self._disk(key)], dtype)
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if self.layout is not None and key in self.layout.pieces:
+                out[key] = assemble_experts(self.layout.pieces[key], got)
+            else:
+                out[key] = got[self._disk(key)[0]]
+        return out
+
+    def _read_disk(self, keys: Iterable[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.where[key], []).append(key)
@@ -67,11 +101,11 @@ class TensorFiles:
 
 
 def missing_tensors(model: nn.Module, files: TensorFiles) -> list[str]:
-    """Parameters of ``model`` that the files lack under the module's own name.
+    """Parameters of ``model`` that the files lack (under the layout's names, if any).
 
     Tied parameters (``lm_head.weight`` sharing the embedding) are found through the
-    first name they are registered under. A model whose loader renames tensors (fused
-    experts, legacy names) shows up here and is loaded eagerly instead.
+    first name they are registered under. A model whose files hold something else than
+    its layout says is loaded eagerly instead.
     """
     missing = []
     seen: set[int] = set()
@@ -254,12 +288,16 @@ def build_streamed(
         model = AutoModelForCausalLM.from_config(
             config, dtype=want, trust_remote_code=trust_remote_code
         )
-    tensors = TensorFiles(files)
+    try:
+        layout = CheckpointLayout.of(model)
+    except GptqflowError as exc:
+        return f"the checkpoint layout of this architecture is not known ({exc})"
+    tensors = TensorFiles(files, layout)
     missing = missing_tensors(model, tensors)
     if missing:
         return (
-            f"the weight files do not hold {len(missing)} parameter(s) under the module's "
-            f"name (e.g. {missing[:3]}); transformers renames them while loading"
+            f"the weight files do not hold {len(missing)} parameter(s) under the names "
+            f"transformers saves them with (e.g. {missing[:3]})"
         )
     prefix, layers = decoder_layers(model)
     stored = [n for n, _ in model.named_buffers() if n in tensors]  # persistent buffers
