@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gptqflow.errors import GptqflowError
+from gptqflow.errors import GptqflowError, UsageError
 
 RUN_USAGE = """\
 usage: gptqflow run [--config-name NAME] [--config-dir DIR] [-m] [--verbose] [OVERRIDES...]
@@ -236,12 +236,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from gptqflow.planning import parse_world_sizes, plan_report
 
     defaults = DatasetGroup.model_fields
+    if args.max_wave_groups is not None and args.max_wave_groups < 1:
+        raise UsageError(f"--max-wave-groups {args.max_wave_groups}: give a positive number")
     report = plan_report(
         args.config,
         parse_world_sizes(args.world_sizes),
         args.cost_model,
         num_samples=args.num_samples or defaults["num_samples"].default,
         seq_len=args.seq_len or defaults["seq_len"].default,
+        max_wave_groups=args.max_wave_groups,
     )
     print(_json.dumps(report.data, indent=2) if args.json else report.text)
     return 0
@@ -337,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=int,
         help="tokens per calibration sequence (default: dataset.seq_len's)",
+    )
+    plan.add_argument(
+        "--max-wave-groups",
+        type=int,
+        help="runtime.max_wave_groups: an MoE block's experts handled in parts of at most this "
+        "many (less memory per rank; default: the whole wave)",
     )
     plan.add_argument("--json", action="store_true", help="print the prediction as JSON")
     rep = sub.add_parser(

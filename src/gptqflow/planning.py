@@ -31,6 +31,7 @@ from gptqflow.gptq.plan import (
     LayerPrediction,
     Planner,
     layer_prediction,
+    split_waves,
 )
 from gptqflow.modeling.memory import DEFAULT_BASE_BYTES, MemoryPrediction, predict_rank_memory
 from gptqflow.modeling.structure import decoder_layers
@@ -202,18 +203,22 @@ def plan_report(
     scale_bytes: int = 2,
     num_samples: int = 64,
     seq_len: int = 512,
+    max_wave_groups: int | None = None,
 ) -> PlanReport:
     """Predict the solve of every layer kind at each world size, for both planners.
 
     ``config``: a transformers config.json, a model directory or a config dict.
     ``cost_model``: a :class:`CostModel`, a JSON file from ``bench/fit_cost.py``, or
     ``None`` for the bundled CPU fit. ``group_size`` and ``scale_bytes`` (bf16 = 2)
-    only change the qparam bytes. Raises :class:`GptqflowError` for bad inputs.
+    only change the qparam bytes. ``max_wave_groups``: ``runtime.max_wave_groups`` (an
+    MoE block's experts in parts of at most this many). Raises :class:`GptqflowError`
+    for bad inputs.
     """
     if not world_sizes or any(int(w) < 1 for w in world_sizes):
         raise GptqflowError(f"world sizes must be positive integers, got {list(world_sizes)}")
     cost = load_cost_model(cost_model)
-    label, kinds = layer_groups(config)
+    label, whole = layer_groups(config)
+    kinds = [(split_waves(groups, max_wave_groups), n) for groups, n in whole]
     data: dict[str, Any] = {
         "model": label,
         "num_layers": sum(n for _, n in kinds),

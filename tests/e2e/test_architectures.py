@@ -157,3 +157,16 @@ def test_renamed_and_fused_layouts_stream(
     a = (tmp_path / "stream" / "checkpoint" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "eager" / "checkpoint" / "model.safetensors").read_bytes()
     assert streamed["perplexity"] == eager["perplexity"]
+
+
+def test_waves_in_parts_write_the_same_bytes(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """runtime.max_wave_groups=3: the 8 experts of a block in parts of 3, 3 and 2."""
+    model = make_tiny_model(tmp_path / "model", "qwen3_moe", tiny_tokenizer_dir)
+    whole = run_tiny(model, tmp_path / "whole")
+    parts = run_tiny(model, tmp_path / "parts", "runtime.max_wave_groups=3")
+    for layer in parts["layers"]:
+        assert [w["groups"] for w in layer["waves"]] == [3, 3, 2, 3, 3, 2]
+    for layer in whole["layers"]:
+        assert [w["groups"] for w in layer["waves"]] == [8, 8]
+    a = (tmp_path / "whole" / "checkpoint" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "parts" / "checkpoint" / "model.safetensors").read_bytes()

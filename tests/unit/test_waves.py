@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gptqflow.framework.layerloop import waves
-from gptqflow.gptq.cost import CostModel
+from gptqflow.gptq.cost import CostModel, hessian_bytes
 from gptqflow.gptq.plan import (
     buckets,
     group_seconds,
@@ -143,3 +143,28 @@ def test_moe_configs_solve_7x_faster_at_8_ranks(config: str) -> None:
     per_group = layer_prediction(groups, 8, cost, "cost", bucket_bytes=None)
     assert pred.comm_seconds < per_group.comm_seconds
     assert pred.speedup >= layer_prediction(groups, 8, cost, "columns").speedup
+
+
+def test_split_waves_bounds_the_memory_of_a_wave() -> None:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from gptqflow.gptq.plan import GroupShape, split_waves, wave_steps
+    from gptqflow.modeling.memory import predict_rank_memory
+
+    experts = [GroupShape((f"e{e}",), (64,), 32, "w") for e in range(8)]
+    groups = [GroupShape(("q",), (32,), 32), *experts]
+    assert [len(s) for s in wave_steps(split_waves(groups, 3))] == [1, 3, 3, 2]
+    assert split_waves(groups, None) == groups
+    cfg = Qwen3MoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=8, num_experts_per_tok=2,
+        vocab_size=100,
+    )  # fmt: skip
+    import torch
+
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(cfg)
+    whole = predict_rank_memory(model, groups, 256, base_bytes=0)
+    part = predict_rank_memory(model, split_waves(groups, 2), 256, base_bytes=0)
+    # Six experts' statistics fewer at once: the float64 strips and the float32 mean each.
+    assert whole.layer - part.layer == 6 * (hessian_bytes(32) + 32 * 32 * 4)

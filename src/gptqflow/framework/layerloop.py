@@ -393,8 +393,11 @@ class LayerLoop:
             if self.needs_inputs:
                 self._forward(layer, timer)
             else:  # every target is its own group; the experts of a fused parameter, a wave
+                cap = layer.state.recipe.runtime.max_wave_groups or len(layer.targets)
                 for wave in waves([[n] for n in layer.targets], layer.targets):
-                    self._wave(layer, wave, [None] * len(wave), timer)
+                    for i in range(0, len(wave), cap):
+                        part = wave[i : i + cap]
+                        self._wave(layer, part, [None] * len(part), timer)
             for sid, stage in self.stages:
                 with timer.time(sid):
                     stage.after_layer(layer, ctx)
@@ -553,8 +556,13 @@ class LayerLoop:
         return [[f"{layer.name}.{n}" for n in g] for g in self._group_cache[key]]
 
     def _waves(self, layer: LayerRun) -> list[list[list[str]]]:
-        """The layer's groups in call order, a wave's groups together (see :func:`waves`)."""
-        return waves(self._groups(layer), layer.targets)
+        """The layer's groups in call order, a wave's groups together (see :func:`waves`),
+        a wave cut into parts of at most ``runtime.max_wave_groups`` groups."""
+        cap = layer.state.recipe.runtime.max_wave_groups
+        found = waves(self._groups(layer), layer.targets)
+        if cap is None:
+            return found
+        return [w[i : i + cap] for w in found for i in range(0, len(w), cap)]
 
     def _restore_layer(self, prefix: str) -> Any:
         """Rebuilds a finished layer from a resume point: each stage reapplies its part."""

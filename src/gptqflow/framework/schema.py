@@ -218,6 +218,16 @@ class RuntimeGroup(_Group):
         "layer runs over them a chunk at a time (max_forward_tokens, or what the budget "
         "holds), with the same result; null = always in memory.",
     )
+    max_wave_groups: int | None = Field(
+        None,
+        ge=1,
+        description="Most groups of a wave (an MoE block's experts) handled together: a larger "
+        "wave runs as consecutive parts of at most this many experts. Each rank holds the "
+        "Hessians of one part at a time (less memory), at the cost of more, smaller "
+        "collectives and a less even spread over ranks; the result is the same. "
+        "null = the whole wave at once.",
+        json_schema_extra={"unit": "groups"},
+    )
     timeout_s: float = Field(
         600.0,
         gt=0,

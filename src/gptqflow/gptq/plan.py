@@ -75,6 +75,7 @@ __all__ = [
     "plan_wave",
     "rank_seconds",
     "split_rows",
+    "split_waves",
     "wave_steps",
 ]
 
@@ -503,6 +504,19 @@ def wave_steps(groups: Sequence[GroupShape]) -> list[list[GroupShape]]:
             out[-1].append(g)
         else:
             out.append([g])
+    return out
+
+
+def split_waves(groups: Sequence[GroupShape], cap: int | None) -> list[GroupShape]:
+    """Each wave cut into parts of at most ``cap`` groups (``runtime.max_wave_groups``),
+    each part a wave of its own; ``None`` keeps the waves whole."""
+    if cap is None:
+        return list(groups)
+    out: list[GroupShape] = []
+    for step in wave_steps(groups):
+        for i, g in enumerate(step):
+            part = None if g.wave is None else f"{g.wave}#{i // cap}"
+            out.append(GroupShape(g.names, g.rows, g.cols, part))
     return out
 
 
