@@ -499,8 +499,9 @@ class LayerLoop:
         soon as it is computed, and the layer's outputs are that file's chunks.
         """
         device = self.ctx.device
+        steps = self._waves(layer)  # traced outside: tracing patches the layer's Linears too
         with per_sample_linears(layer.module), torch.inference_mode():
-            for wave in self._waves(layer):
+            for wave in steps:
                 firsts = [layer.targets[names[0]].module for names in wave]
                 per_chunk = [
                     run_until(layer.module, firsts, x.to(device), kw)
