@@ -142,7 +142,9 @@ def test_gptaq_refuses_moe_experts(tiny_tokenizer_dir: Path, tmp_path: Path) -> 
         run_tiny(model, tmp_path / "out", "method=gptaq")
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "gpt_neox"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow), "gpt_neox"]
+)
 def test_renamed_and_fused_layouts_stream(
     model_type: str, tiny_tokenizer_dir: Path, tmp_path: Path
 ) -> None:
