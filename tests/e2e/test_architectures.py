@@ -143,7 +143,8 @@ def test_gptaq_refuses_moe_experts(tiny_tokenizer_dir: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "model_type", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow), "gpt_neox"]
+    "model_type",
+    ["qwen3_moe", *(pytest.param(a, marks=pytest.mark.slow) for a in ("mixtral", "gpt_neox"))],
 )
 def test_renamed_and_fused_layouts_stream(
     model_type: str, tiny_tokenizer_dir: Path, tmp_path: Path
