@@ -91,6 +91,9 @@ class FloatPathStage(Stage):
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layer.targets}
         outputs = []
         for part, kwargs in zip(chunks.parts, chunks.kwargs):
+            if part.shape[0] == 0:  # no sample of this rank is followed (sample_stride)
+                outputs.append(part)
+                continue
             seen: dict[str, torch.Tensor] = {}
             handles = [
                 target.module.register_forward_pre_hook(_recorder(name, seen))
@@ -135,7 +138,8 @@ class FloatPathStage(Stage):
             quant = [quant[p] for p in self._positions(group.layer.state.sample_range)]
         floats = _samples(group.layer.slots[FLOAT_INPUTS][group.names[0]])
         assert len(quant) == len(floats), "both paths hold the rank's samples, in order"
-        cross = CrossSum.zeros(quant[0].shape[-1], device=quant[0].device)
+        # A rank none of whose samples is followed adds zeros (and takes part in the sums).
+        cross = CrossSum.zeros(group.cols, device=group.weights[0].device)
         for x_float, x in zip(floats, quant):
             cross.add(x_float, x)
         count = torch.tensor([cross.count], dtype=torch.float64, device=cross.sum.device)
