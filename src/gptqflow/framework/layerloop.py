@@ -393,11 +393,8 @@ class LayerLoop:
             if self.needs_inputs:
                 self._forward(layer, timer)
             else:  # every target is its own group; the experts of a fused parameter, a wave
-                cap = layer.state.recipe.runtime.max_wave_groups or len(layer.targets)
-                for wave in waves([[n] for n in layer.targets], layer.targets):
-                    for i in range(0, len(wave), cap):
-                        part = wave[i : i + cap]
-                        self._wave(layer, part, [None] * len(part), timer)
+                for wave in self._waves(layer, [[n] for n in layer.targets]):
+                    self._wave(layer, wave, [None] * len(wave), timer)
             for sid, stage in self.stages:
                 with timer.time(sid):
                     stage.after_layer(layer, ctx)
@@ -420,8 +417,8 @@ class LayerLoop:
         """Every stage's ``on_groups`` over one wave of groups (a plain group: a wave of one)."""
         runs = []
         for names, x in zip(wave, inputs):
-            group = GroupRun(layer, len(layer.groups), names, [layer.targets[n] for n in names])
-            group.inputs = x
+            targets = [layer.targets[n] for n in names]
+            group = GroupRun(layer, len(layer.groups), names, targets, inputs=x)
             layer.groups.append(group)
             runs.append(group)
         for sid, stage in self.stages:
@@ -556,11 +553,13 @@ class LayerLoop:
             self._group_cache[key] = [[n[cut:] for n in g] for g in traced]
         return [[f"{layer.name}.{n}" for n in g] for g in self._group_cache[key]]
 
-    def _waves(self, layer: LayerRun) -> list[list[list[str]]]:
-        """The layer's groups in call order, a wave's groups together (see :func:`waves`),
-        a wave cut into parts of at most ``runtime.max_wave_groups`` groups."""
+    def _waves(
+        self, layer: LayerRun, groups: list[list[str]] | None = None
+    ) -> list[list[list[str]]]:
+        """The layer's groups (traced, unless given) in call order, a wave's groups together
+        (see :func:`waves`), a wave cut into parts of at most ``runtime.max_wave_groups``."""
         cap = layer.state.recipe.runtime.max_wave_groups
-        found = waves(self._groups(layer), layer.targets)
+        found = waves(self._groups(layer) if groups is None else groups, layer.targets)
         if cap is None:
             return found
         return [w[i : i + cap] for w in found for i in range(0, len(w), cap)]

@@ -409,16 +409,7 @@ def balance_by_columns(cols: Sequence[int], world_size: int) -> list[int]:
     cols² growth of the sweep and the cols³ factorisation are ignored, which is why
     one wide module (``down_proj``) ends up dominating a rank.
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    order = sorted(range(len(cols)), key=lambda i: -cols[i])
-    load = [0] * world_size
-    owner = [0] * len(cols)
-    for i in order:
-        r = load.index(min(load))
-        owner[i] = r
-        load[r] += cols[i]
-    return owner
+    return pack_groups([float(c) for c in cols], world_size)  # exact: integer column counts
 
 
 # ---------------------------------------------------------------------- predictions

@@ -6,9 +6,10 @@ the rest of the layer runs on them) and ``state.quantized[name]`` (codes, scales
 points) for every module, on every rank. Keeps the codes of every finished layer in
 resume points and reinstalls them on resume.
 Collectives: per group, or per wave of groups (an MoE block's experts), one
-asynchronous broadcast from each rank that owns slices of them: one byte buffer (``gptq/wire.py``) with all its slices' integers (codes two
-to a byte for 4-bit schemes, int8 otherwise; scales, zero points, loss and damping,
-and the g_idx for act-order groups); all are issued before any is waited on. Dense
+asynchronous broadcast from each rank that owns slices of them: one byte buffer
+(``gptq/wire.py``) with all its slices' integers (codes two to a byte for 4-bit
+schemes, int8 otherwise; scales, zero points, loss and damping, and the g_idx for
+act-order groups); all are issued before any is waited on. Dense
 float weights are never sent: every rank dequantizes the same integers with the same
 function, so all ranks hold bit-identical weights. At world size 1 nothing is sent.
 
@@ -53,10 +54,12 @@ class BroadcastStage(Stage):
         for group in groups:
             for s in group.plan:
                 by_owner.setdefault(s.rank, []).append((group, s))
+        # What each slice sends, per owner: the buffer's layout on every rank.
+        layouts = {o: [self._fields(g, s.rows) for g, s in items] for o, items in by_owner.items()}
         sent: dict[int, torch.Tensor] = {}
         handles: list[Handle] = []
         for owner, items in sorted(by_owner.items()):
-            fields = [f for g, s in items for f in self._fields(g, s.rows)]
+            fields = [f for per_slice in layouts[owner] for f in per_slice]
             if owner == ctx.rank:
                 buf = wire.pack([t for g, s in items for t in self._parts(g, s)])
             else:
@@ -68,11 +71,11 @@ class BroadcastStage(Stage):
             h.wait()
         received: dict[tuple[int, int, int], list[torch.Tensor]] = {}
         for owner, items in by_owner.items():
-            fields = [f for g, s in items for f in self._fields(g, s.rows)]
+            fields = [f for per_slice in layouts[owner] for f in per_slice]
             parts = wire.unpack(sent[owner].cpu(), fields)
             at = 0
-            for g, s in items:
-                n = len(self._fields(g, s.rows))
+            for (g, s), per_slice in zip(items, layouts[owner]):
+                n = len(per_slice)
                 mine = parts[at : at + n]
                 at += n
                 if self._packs_codes:

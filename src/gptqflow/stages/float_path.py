@@ -23,9 +23,10 @@ loop does, so 1 and N ranks produce the same statistic.
 its index in the whole calibration set, so every world size picks the same samples):
 the extra forward and ``D``'s products cost k times less, and ``D`` is the mean over
 those samples' tokens, while the Hessian still sees every token. It needs samples of
-one length (the text route, or ``dataset.packing``), whose indices are known. The float hidden states are
-not kept in resume points (they exist on each rank only), so a run with this stage
-cannot continue from one: it says so and stops.
+one length (the text route, or ``dataset.packing``), whose indices are known.
+
+The float hidden states are not kept in resume points (they exist on each rank only),
+so a run with this stage cannot continue from one: it says so and stops.
 
 ```yaml
 stages:

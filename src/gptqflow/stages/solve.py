@@ -117,10 +117,7 @@ class SolveStage(Stage):
             group.plan = split_rows(
                 group.rows, ctx.world_size, min_rows=self.config.min_rows_per_rank
             )
-        if group.shared_factor:
-            group.layer.report["shared_factor"].append(
-                "+".join(n.rsplit(".", 1)[-1] for n in group.names)
-            )
+        _note_shared_factor(group)
 
     def plan_wave(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
         """A wave of independent groups (an MoE block's experts): whole groups onto ranks.
@@ -147,10 +144,7 @@ class SolveStage(Stage):
             group.plan, group.shared_factor = list(plan.slices), plan.shared_factor
             for r in {s.rank for s in plan.slices}:
                 per_rank[r] += 1
-            if plan.shared_factor:
-                group.layer.report["shared_factor"].append(
-                    "+".join(n.rsplit(".", 1)[-1] for n in group.names)
-                )
+            _note_shared_factor(group)
         groups[0].layer.report.setdefault("waves", []).append(
             {"groups": len(groups), "groups_per_rank": per_rank}
         )
@@ -274,6 +268,14 @@ class SolveStage(Stage):
         if ctx.rank == min(s.rank for s in group.plan):  # one warning per group, not per rank
             log.warning("%s: round-to-nearest instead of GPTQ (%s)", where, reason)
         return reason
+
+
+def _note_shared_factor(group: GroupRun) -> None:
+    """List a group whose factorisation every rank shares in the layer's report entry."""
+    if group.shared_factor:
+        group.layer.report["shared_factor"].append(
+            "+".join(n.rsplit(".", 1)[-1] for n in group.names)
+        )
 
 
 def check_finite_inputs(group: GroupRun) -> None:
