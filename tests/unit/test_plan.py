@@ -168,6 +168,22 @@ def test_never_slower_than_the_even_split() -> None:
             assert ours <= even * (1 + 1e-6)
 
 
+def test_a_ranks_slices_cost_one_sweep() -> None:
+    """The solve stacks a rank's slices of a group into one sweep, and the plan knows it.
+
+    q/k/v at 2 ranks: one rank takes q's first rows, the other the rest of q plus k and
+    v. Charging that rank a sweep's per-column overhead per slice gave it fewer rows,
+    so the first rank solved more and waited less: a steady imbalance in every layer.
+    """
+    cost = synthetic(sweep_s_per_col=1e-3)
+    plan = plan_group([576, 192, 192], 576, 2, cost)
+    assert [sum(s.rows for s in plan if s.rank == r) for r in (0, 1)] == [480, 480]
+    three = [RowSlice(0, 0, 0, 96), RowSlice(0, 1, 0, 192), RowSlice(0, 2, 0, 192)]
+    assert rank_seconds(three, 576, cost, 1) == pytest.approx(
+        [cost.factor_seconds(576) + cost.sweep_seconds(480, 576)]
+    )
+
+
 def test_tiny_groups_use_fewer_ranks() -> None:
     cost = synthetic()
     # The solver pads slices to 16 rows: 16 rows on 8 ranks is no faster than on 1.

@@ -4,8 +4,9 @@ The planner (:mod:`gptqflow.gptq.plan`) needs to compare ways of cutting a group
 rows over ranks, so it needs predicted seconds, not just flop counts: a GPTQ solve
 has a flop-bound part (the factorisation and the lazy-batch matmuls), a
 bandwidth-bound part (rank-1 updates inside a block, rounding, qparams) and a
-Python / kernel-launch part (a few small ops per swept column, paid again by every
-slice a rank solves). Each part is a term with its own fitted constant:
+Python / kernel-launch part (a few small ops per swept column, paid once per sweep:
+the solve stacks a rank's slices of a group into one). Each part is a term with its
+own fitted constant:
 
 * factorisation of a ``cols × cols`` Hessian (:func:`~gptqflow.gptq.solver.prepare_factor`):
   ``factor_overhead_s + (check_s_per_col2 + factor_s_per_col2)·cols² + factor_s_per_col3·cols³``
@@ -141,7 +142,7 @@ class CostModel:
         )
 
     def sweep_fixed_seconds(self, cols: int) -> float:
-        """The part of a sweep that does not depend on the row count (paid per slice)."""
+        """The part of a sweep that does not depend on the row count (once per rank and group)."""
         return self.sweep_overhead_s + self.sweep_s_per_col * cols
 
     def sweep_row_seconds(self, cols: int) -> float:

@@ -26,8 +26,9 @@ Two planners:
 * :func:`split_rows` cuts the concatenated rows into ``world_size`` contiguous slices
   of (nearly) equal *row count*, ignoring the factorisation and per-slice costs.
 * :func:`plan_group` uses a :class:`~gptqflow.gptq.cost.CostModel`: each rank that takes
-  part pays one factorisation plus one sweep per slice (a per-column overhead each,
-  so a slice that straddles two modules costs more than the rows alone); the cuts
+  part pays one factorisation plus one sweep of all its rows (the solve stacks a
+  rank's slices of a group, from one module or several, into a single sweep, so the
+  per-column overhead is paid once per rank, not per slice); the cuts
   minimise the largest predicted rank time, and the smallest number of ranks whose
   time is within ``tolerance`` of the best is used, so tiny groups stay on few ranks.
   :func:`plan_solve` runs it for a local and for a shared factorisation and keeps
@@ -135,7 +136,7 @@ def rank_seconds(
 
     What the solve stage does: the factorisation (local: once on every rank that has
     rows, ranks without rows idle at 0; shared: every rank takes part), then one
-    :func:`solve_rows` call per slice.
+    :func:`solve_rows` call on the rank's slices stacked together.
     """
     out = [0.0] * world_size
     if shared_factor:
@@ -143,9 +144,10 @@ def rank_seconds(
     else:
         for r in sorted({s.rank for s in slices}):
             out[r] = cost.factor_seconds(cols)
+    rows = [0] * world_size
     for s in slices:
-        out[s.rank] += cost.sweep_seconds(s.rows, cols)
-    return out
+        rows[s.rank] += s.rows
+    return [t + cost.sweep_seconds(n, cols) for t, n in zip(out, rows)]
 
 
 @dataclass(frozen=True)
@@ -200,33 +202,35 @@ def _fill(
 ) -> list[RowSlice] | None:
     """Give ranks 0, 1, ... as many rows (in order) as fit in ``budget`` seconds each.
 
-    Returns ``None`` when more than ``max_ranks`` ranks would be needed. For
-    contiguous cuts this greedy fill uses the fewest ranks any plan can use within
+    Returns ``None`` when more than ``max_ranks`` ranks would be needed. A rank's rows,
+    from one module or several, are one stacked sweep, so its capacity is the row
+    count :meth:`CostModel.rows_within` gives for the budget less the factorisation.
+    For contiguous cuts this greedy fill uses the fewest ranks any plan can use within
     the budget, because a rank's cost never decreases when its range is extended.
     Cuts inside a module fall on multiples of ``align`` rows (module ends are always cuts).
-    ``factor``: the seconds every rank with rows pays before its sweeps.
+    ``factor``: the seconds every rank with rows pays before its sweep.
     """
+    capacity = cost.rows_within(budget - factor, cols)
     out: list[RowSlice] = []
     rank, m, pos = 0, 0, 0
     while m < len(rows):
         if pos >= rows[m]:
             m, pos = m + 1, 0
             continue
-        if rank == max_ranks:
+        if rank == max_ranks or capacity <= 0:
             return None
-        left = budget - factor
+        left = capacity
         took = False
-        while m < len(rows):
+        while m < len(rows) and left > 0:
             if pos >= rows[m]:
                 m, pos = m + 1, 0
                 continue
             remaining = rows[m] - pos
-            fit = cost.rows_within(left, cols)
-            take = remaining if fit >= remaining else (pos + fit) // align * align - pos
+            take = remaining if left >= remaining else (pos + left) // align * align - pos
             if take <= 0:
                 break
             out.append(RowSlice(rank, m, pos, pos + take))
-            left -= cost.sweep_seconds(take, cols)
+            left -= take
             pos += take
             took = True
             if pos < rows[m]:
