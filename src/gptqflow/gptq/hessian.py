@@ -14,9 +14,9 @@ same Hessian, bit for bit, and the solve downstream sees the same input.
 Dividing once at the end keeps that property; a running mean rounds at every
 step.
 
-Only the upper triangle is accumulated (in strips of :data:`STRIP` rows): ``xᵀx`` is
-symmetric, so the lower half would cost a third more matmul flops and float64
-additions for nothing (35-40% of the accumulation time at 576-1536 columns).
+Only the upper triangle is accumulated and held (in strips of :data:`STRIP` rows):
+``xᵀx`` is symmetric, so the lower half would cost a third more matmul flops, float64
+additions and bytes for nothing (35-40% of the accumulation time at 576-1536 columns).
 :meth:`HessianSum.finalize` mirrors it.
 """
 
@@ -48,28 +48,49 @@ def hessian_update(x: torch.Tensor) -> torch.Tensor:
 class HessianSum:
     """Running float64 sum of :func:`hessian_update` contributions and their token count.
 
-    ``sum`` is the upper triangle (block-wise: whole strips of :data:`STRIP` rows
-    from their diagonal block on; below is zero) of ``Σ 2·xᵀx`` (float64,
-    ``[cols, cols]``); ``count`` the number of tokens that went into it.  Partial
-    sums from different ranks or shards are
-    combined with :meth:`merge` (or by summing ``sum``/``count`` elsewhere)
-    before one :meth:`finalize`.
+    Only the upper strips of ``Σ 2·xᵀx`` are held (rows ``a:b`` of each strip of
+    :data:`STRIP` rows, from column ``a`` on), one after another in ``data``, a float64
+    vector with one more slot at the end for the token count: about ``n²/2 + 64·n``
+    values instead of ``n²``. That vector is also what ranks all-reduce
+    (:meth:`packed`), so the reduction needs no second copy of the sum, and a
+    ``cols × cols`` float64 matrix (the largest allocation of a wide layer) never
+    exists. Partial sums from different ranks or shards are combined with
+    :meth:`merge` (or by summing :meth:`packed` vectors elsewhere) before one
+    :meth:`finalize`.
     """
 
-    sum: torch.Tensor
+    cols: int
+    data: torch.Tensor
     count: int = 0
-    # Scratch for one chunk's float32 product, reused: allocating (and page-faulting)
-    # a fresh cols×cols matrix per sample cost more than the add itself.
+    # Scratch for one strip's float32 product, reused: allocating (and page-faulting)
+    # a fresh buffer per sample cost more than the add itself.
     _scratch: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def zeros(cls, cols: int, device: torch.device | str | None = None) -> HessianSum:
         """An empty accumulator for a layer with ``cols`` input features."""
-        return cls(sum=torch.zeros(cols, cols, dtype=torch.float64, device=device), count=0)
+        numel = sum((b - a) * (cols - a) for a, b in _strips(cols)) + 1
+        return cls(cols=cols, data=torch.zeros(numel, dtype=torch.float64, device=device))
 
     @property
-    def cols(self) -> int:
-        return int(self.sum.shape[0])
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def packed_numel(self) -> int:
+        """Length of :meth:`packed`: the strips' values and the count."""
+        return int(self.data.numel())
+
+    def _strip(self, a: int, b: int, offset: int) -> torch.Tensor:
+        """Strip ``a:b`` (rows ``a:b``, columns ``a:``) as a ``[b-a, cols-a]`` view of ``data``."""
+        return self.data[offset : offset + (b - a) * (self.cols - a)].view(b - a, self.cols - a)
+
+    def _strips(self) -> list[tuple[int, int, torch.Tensor]]:
+        out, offset = [], 0
+        for a, b in _strips(self.cols):
+            out.append((a, b, self._strip(a, b, offset)))
+            offset += (b - a) * (self.cols - a)
+        return out
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one chunk of inputs ``x[..., cols]``."""
@@ -77,71 +98,61 @@ class HessianSum:
             raise ValueError(
                 f"input has {x.shape[-1]} features but the Hessian is {self.cols}x{self.cols}"
             )
-        tokens = x.detach().to(self.sum.device).reshape(-1, self.cols).to(torch.float32)
-        if self._scratch is None:
-            self._scratch = torch.empty(
-                self.cols, self.cols, dtype=torch.float32, device=self.sum.device
-            )
         n = self.cols
-        for start in range(0, n, STRIP):
-            stop = min(start + STRIP, n)
-            strip = self._scratch[start:stop, start:]
-            torch.mm(tokens[:, start:stop].T, tokens[:, start:], out=strip)
+        tokens = x.detach().to(self.device).reshape(-1, n).to(torch.float32)
+        if self._scratch is None:
+            self._scratch = torch.empty(min(STRIP, n) * n, dtype=torch.float32, device=self.device)
+        for a, b, strip in self._strips():
+            product = self._scratch[: (b - a) * (n - a)].view(b - a, n - a)
+            torch.mm(tokens[:, a:b].T, tokens[:, a:], out=product)
             # One fused pass: the float32 product is widened exactly and doubled
             # exactly, so every chunk adds its float32 product to the float64 sum.
-            self.sum[start:stop, start:].add_(strip, alpha=2.0)
+            strip.add_(product, alpha=2.0)
         self.count += tokens.shape[0]
 
     def drop_scratch(self) -> None:
-        """Free the per-chunk product buffer once no more chunks come (``cols²`` float32)."""
+        """Free the per-chunk product buffer once no more chunks come (a strip, float32)."""
         self._scratch = None
 
     def merge(self, other: HessianSum) -> None:
         """Add another partial sum (e.g. from another rank) into this one."""
-        if other.sum.shape != self.sum.shape:
+        if other.cols != self.cols:
             raise ValueError(
-                f"cannot merge Hessian sums of shapes {tuple(other.sum.shape)} "
-                f"and {tuple(self.sum.shape)}"
+                f"cannot merge Hessian sums of shapes {(other.cols, other.cols)} "
+                f"and {(self.cols, self.cols)}"
             )
-        self.sum += other.sum.to(device=self.sum.device, dtype=torch.float64)
+        self.data[:-1] += other.data[:-1].to(device=self.device, dtype=torch.float64)
         self.count += other.count
 
-    @property
-    def packed_numel(self) -> int:
-        """Length of :meth:`packed`: the strips' values and the count."""
-        return sum((b - a) * (self.cols - a) for a, b in _strips(self.cols)) + 1
-
     def packed(self) -> torch.Tensor:
-        """The accumulated strips and the token count, as one float64 vector.
+        """The accumulated strips and the token count, as one float64 vector: ``data`` itself.
 
-        The strips (rows ``a:b`` from column ``a`` on, see :meth:`add`) hold everything
-        :meth:`finalize` reads, in about ``n²/2 + 64·n`` values instead of ``n²``: what
-        ranks send each other to sum their Hessians.
+        What ranks send each other to sum their Hessians. An all-reduce may work on it
+        in place; :meth:`load_packed` then only reads the count back.
         """
-        parts = [self.sum[a:b, a:].reshape(-1) for a, b in _strips(self.cols)]
-        count = torch.tensor([self.count], dtype=torch.float64, device=self.sum.device)
-        return torch.cat([*parts, count])
+        self.data[-1] = float(self.count)
+        return self.data
 
     def load_packed(self, packed: torch.Tensor) -> None:
         """Make this the sum :meth:`packed` describes (e.g. the all-reduced one), in place."""
-        self.sum.zero_()
-        offset = 0
-        for a, b in _strips(self.cols):
-            block = self.sum[a:b, a:]
-            block.copy_(packed[offset : offset + block.numel()].view_as(block))
-            offset += block.numel()
-        self.count = int(packed[offset].item())
+        if packed.numel() != self.data.numel():
+            raise ValueError(
+                f"a packed Hessian of {packed.numel()} values, expected {self.data.numel()}"
+            )
+        if packed.data_ptr() != self.data.data_ptr() or packed.device != self.device:
+            self.data.copy_(packed)
+        self.count = int(self.data[-1].item())
 
     def symmetric(self) -> torch.Tensor:
         """The whole float64 sum ``Σ 2·xᵀx``: the accumulated upper part, mirrored."""
         n = self.cols
-        full = self.sum.clone()
-        for start in range(0, n, STRIP):
-            stop = min(start + STRIP, n)
-            # Below the strips: the transposed strip above. Inside a diagonal block
-            # only its upper triangle counts.
-            full[stop:, start:stop] = self.sum[start:stop, stop:].T
-            block = full[start:stop, start:stop]
+        full = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        for a, b, strip in self._strips():
+            full[a:b, a:] = strip
+            # Below the strip: its transpose. Inside a diagonal block only its upper
+            # triangle counts.
+            full[b:, a:b] = strip[:, b - a :].T
+            block = full[a:b, a:b]
             block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
         return full
 
@@ -150,16 +161,16 @@ class HessianSum:
 
         Built strip by strip straight into the float32 result: each value is divided in
         float64 and rounded once, exactly as dividing the mirrored float64 matrix would,
-        without a second float64 matrix (the largest allocation of a wide layer).
+        without a float64 matrix.
         """
         if self.count <= 0:
             raise ValueError("no tokens were accumulated into this Hessian (count == 0)")
         n = self.cols
-        out = torch.empty(n, n, dtype=torch.float32, device=self.sum.device)
-        for start, stop in _strips(n):
-            out[start:stop, start:] = self.sum[start:stop, start:] / self.count
-            out[stop:, start:stop] = out[start:stop, stop:].T
-            block = out[start:stop, start:stop]
+        out = torch.empty(n, n, dtype=torch.float32, device=self.device)
+        for a, b, strip in self._strips():
+            out[a:b, a:] = strip / self.count
+            out[b:, a:b] = out[a:b, b:].T
+            block = out[a:b, a:b]
             block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
         return out
 

@@ -37,7 +37,7 @@ class CalibrateStage(Stage):
         for x in chunks:  # one chunk, or one per sample length (rows of a dataset)
             for i in range(x.shape[0]):
                 hs.add(x[i])
-        hs.drop_scratch()  # the per-sample product buffer (cols² float32) is done with
+        hs.drop_scratch()  # the per-sample product buffer is done with
         group.hessian = hs
 
 

@@ -58,7 +58,7 @@ class HessianReduceStage(Stage):
         offset = 0
         for local in sums:
             n = local.packed_numel
-            local.load_packed(total[offset : offset + n].to(local.sum.device))  # in place
+            local.load_packed(total[offset : offset + n].to(local.device))  # in place
             offset += n
         del packed, total, handle  # the packed copies go before the divisions
         for group, local in zip(groups, sums):
