@@ -3,12 +3,14 @@
 Requires: ``group.hessian`` (this rank's float64 sum and token count). Provides:
 ``group.reduced_hessian`` (float32, the global sum divided by the global token count;
 None for a group no token reached, e.g. an expert the router never chose) and
-``group.tokens`` (that count) on every rank. ``group.hessian`` is released once divided: the float64 sum is the
-largest tensor of a group (``cols² x 8`` bytes: 6.6 GB for a 28672-column down_proj),
-and nothing after the division needs it.
-Collectives: one all-reduce per group of the accumulated strips of the sum with the
-token count appended (``HessianSum.packed``: the lower triangle is never accumulated,
-so about half the bytes of the whole matrix). The groups of a wave (one MoE block's
+``group.tokens`` (that count) on every rank. ``group.hessian`` is released once
+divided: the float64 sum is the largest tensor of a group (its upper strips,
+``cols² x 4`` bytes: 3.3 GB for a 28672-column down_proj), and nothing after the
+division needs it.
+Collectives: one all-reduce per group of the sum's own storage, in place: the
+accumulated upper strips with the token count appended (``HessianSum.packed``: the
+lower triangle is never accumulated, so about half the bytes of the whole matrix,
+and no copy of it is made). The groups of a wave (one MoE block's
 experts: hundreds of small Hessians) travel in buckets: their packed sums joined into
 one buffer of up to ``bucket_size`` bytes (a group larger than that goes alone), one
 all-reduce per bucket. At world size 1 it is a no-op.
@@ -60,7 +62,7 @@ class HessianReduceStage(Stage):
             n = local.packed_numel
             local.load_packed(total[offset : offset + n].to(local.device))  # in place
             offset += n
-        del packed, total, handle  # the packed copies go before the divisions
+        del packed, total, handle  # a bucket's joined copy goes before the divisions
         for group, local in zip(groups, sums):
             group.tokens = local.count
             # A group no token reached (an expert the router never chose) has no Hessian;
