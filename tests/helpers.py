@@ -6,6 +6,7 @@ with ``from helpers import make_tiny_llama``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
 # Used when the shared WikiText files are absent, so the tokenizer fixture still works.
 FALLBACK_TEXT = (
@@ -133,6 +135,51 @@ def set_rank_env(rank: int, world_size: int, port: int) -> None:
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+
+
+def _execute_as_rank(
+    rank: int, world_size: int, port: int, resolved: dict[str, Any], setup: Any
+) -> None:
+    set_rank_env(rank, world_size, port)
+    torch.set_num_threads(1)
+    if setup is not None:
+        setup()  # e.g. a patch the rank's stages must see (a picklable module-level function)
+    from gptqflow.framework.api import execute
+
+    execute(resolved)
+
+
+def run_at_world_size(
+    world_size: int,
+    overrides: list[str],
+    *,
+    recipe: str = "gptq_w4a16",
+    setup: Any = None,
+    in_process_single: bool = False,
+) -> dict[str, Any]:
+    """Compose ``recipe`` with ``overrides`` and run it on ``world_size`` spawned gloo ranks.
+
+    The overrides name the output directory (``output_dir=...``); its report.json is
+    returned. ``setup`` runs in every rank before the recipe. ``in_process_single``:
+    world size 1 runs in this process (no spawn), for tests that pay for every start.
+    """
+    from gptqflow.framework.compose import compose_recipe
+
+    resolved = compose_recipe(
+        recipe, [*overrides, "runtime.num_threads=1", f"runtime.nproc_per_node={world_size}"]
+    )
+    if world_size == 1 and in_process_single and setup is None:
+        from gptqflow.framework.api import execute
+
+        return dict(execute(resolved))
+    mp.start_processes(
+        _execute_as_rank,
+        args=(world_size, free_port(), resolved, setup),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+    return dict(json.loads((Path(resolved["output_dir"]) / "report.json").read_text()))
 
 
 def run_until(procs: list[Any], deadline_s: float) -> tuple[list[int | None], float]:

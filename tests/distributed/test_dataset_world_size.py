@@ -7,26 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
-from gptqflow.framework.compose import compose_recipe
-from helpers import chat_rows, free_port, set_rank_env
+from helpers import chat_rows, run_at_world_size
 
 CHECKPOINT = "checkpoint/model.safetensors"
 
 
-def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
-    set_rank_env(rank, world_size, port)
-    torch.set_num_threads(1)
-    from gptqflow.framework.api import execute
-
-    execute(resolved)
-
-
 def run_at(world_size: int, model: Path, data: Path, out: Path, *extra: str) -> dict[str, Any]:
-    resolved = compose_recipe(
-        "gptq_w4a16",
+    return run_at_world_size(
+        world_size,
         [
             f"model.path={model}",
             f"output_dir={out}",
@@ -36,23 +25,10 @@ def run_at(world_size: int, model: Path, data: Path, out: Path, *extra: str) -> 
             "dataset.seq_len=512",
             "dataset.eval_tokens=1024",
             "runtime.progress=false",
-            "runtime.num_threads=1",
-            f"runtime.nproc_per_node={world_size}",
             *extra,
         ],
+        in_process_single=True,
     )
-    if world_size == 1:
-        from gptqflow.framework.api import execute
-
-        return execute(resolved)
-    mp.start_processes(
-        _rank_main,
-        args=(world_size, free_port(), resolved),
-        nprocs=world_size,
-        join=True,
-        start_method="spawn",
-    )
-    return dict(json.loads((out / "report.json").read_text()))
 
 
 @pytest.fixture(scope="module")

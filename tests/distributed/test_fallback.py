@@ -4,17 +4,14 @@ same integers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from gptqflow.framework.compose import compose_recipe
 from gptqflow.modeling.checkpoint import read_quantized_codes
-from helpers import free_port, set_rank_env
+from helpers import run_at_world_size
 
 
 def _indefinite_mlp_hessians() -> None:
@@ -32,18 +29,9 @@ def _indefinite_mlp_hessians() -> None:
     SolveStage.on_group = on_group  # type: ignore[method-assign]
 
 
-def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
-    set_rank_env(rank, world_size, port)
-    torch.set_num_threads(1)
-    _indefinite_mlp_hessians()
-    from gptqflow.framework.api import execute
-
-    execute(resolved)
-
-
 def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
-    resolved = compose_recipe(
-        "gptq_w4a16",
+    return run_at_world_size(
+        world_size,
         [
             f"model.path={model}",
             f"output_dir={out}",
@@ -51,20 +39,10 @@ def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
             "dataset.seq_len=32",
             "dataset.eval_tokens=0",
             "runtime.progress=false",
-            "runtime.num_threads=1",
-            f"runtime.nproc_per_node={world_size}",
             "scheme.on_failure=rtn",
         ],
+        setup=_indefinite_mlp_hessians,
     )
-    mp.start_processes(
-        _rank_main,
-        args=(world_size, free_port(), resolved),
-        nprocs=world_size,
-        join=True,
-        start_method="spawn",
-    )
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return report
 
 
 @pytest.mark.slow

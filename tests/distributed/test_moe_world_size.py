@@ -10,29 +10,17 @@ ranks, and their Hessians and codes travel in a few collectives, not a few per e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
-from gptqflow.framework.compose import compose_recipe
-from helpers import free_port, make_tiny_model, set_rank_env
-
-
-def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
-    set_rank_env(rank, world_size, port)
-    torch.set_num_threads(1)
-    from gptqflow.framework.api import execute
-
-    execute(resolved)
+from helpers import make_tiny_model, run_at_world_size
 
 
 def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
-    resolved = compose_recipe(
-        "gptq_w4a16",
+    return run_at_world_size(
+        world_size,
         [
             f"model.path={model}",
             f"output_dir={out}",
@@ -42,19 +30,9 @@ def _run(world_size: int, model: Path, out: Path) -> dict[str, Any]:
             "scheme.group_size=32",
             "stages.solve.min_tokens=24",
             "runtime.progress=false",
-            "runtime.num_threads=1",
-            f"runtime.nproc_per_node={world_size}",
         ],
+        in_process_single=True,
     )
-    mp.start_processes(
-        _rank_main,
-        args=(world_size, free_port(), resolved),
-        nprocs=world_size,
-        join=True,
-        start_method="spawn",
-    )
-    report: dict[str, Any] = json.loads((out / "report.json").read_text())
-    return report
 
 
 @pytest.fixture(scope="module")

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
-from gptqflow.framework.compose import compose_recipe
 from gptqflow.modeling.checkpoint import read_quantized_codes
-from helpers import free_port, set_rank_env
-
-
-def _rank_main(rank: int, world_size: int, port: int, resolved: dict[str, Any]) -> None:
-    set_rank_env(rank, world_size, port)
-    torch.set_num_threads(1)
-    from gptqflow.framework.api import execute
-
-    execute(resolved)
+from helpers import run_at_world_size
 
 
 def run_at(world_size: int, model: Path, out: Path, *extra: str) -> dict[str, Any]:
-    resolved = compose_recipe(
-        "gptq_w4a16",
+    return run_at_world_size(
+        world_size,
         [
             f"model.path={model}",
             f"output_dir={out}",
@@ -33,19 +21,10 @@ def run_at(world_size: int, model: Path, out: Path, *extra: str) -> dict[str, An
             "dataset.seq_len=64",
             "dataset.eval_tokens=512",
             "runtime.progress=false",
-            "runtime.num_threads=1",
-            f"runtime.nproc_per_node={world_size}",
             *extra,
         ],
+        in_process_single=True,
     )
-    mp.start_processes(
-        _rank_main,
-        args=(world_size, free_port(), resolved),
-        nprocs=world_size,
-        join=True,
-        start_method="spawn",
-    )
-    return json.loads((out / "report.json").read_text())
 
 
 @pytest.fixture(scope="module")
