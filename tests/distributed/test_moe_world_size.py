@@ -93,11 +93,12 @@ def test_expert_collectives_are_bucketed(
     moe_runs: dict[int, tuple[Path, dict[str, Any]]],
 ) -> None:
     """Per layer: q/k/v and o (an all-reduce and at most 2 broadcasts each), and per wave
-    one all-reduce (the 8 tiny Hessians fit one bucket) and one broadcast per owner rank;
+    one all-reduce of the token counts (the planner's), one reduction of the Hessians to
+    each owner rank (the 8 tiny Hessians fit one bucket) and one broadcast per owner rank;
     plus one all-reduce per perplexity evaluation. One group per expert would take at
     least 2 collectives each: 32 per layer."""
     report = moe_runs[2][1]
-    per_layer = 2 * (1 + 2) + 2 * (1 + 2)
+    per_layer = 2 * (1 + 2) + 2 * (1 + 2 + 2)
     layers = len(report["layers"])
     evaluations = sum(v is not None for v in report["perplexity"].values())
     assert report["collectives"] <= layers * per_layer + evaluations

@@ -208,6 +208,27 @@ class DistContext:
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=async_op)
         return buf, (_Guarded(work, self, "an all-reduce") if work is not None else _Done())
 
+    def reduce_sum_to(
+        self, owner: int, tensor: torch.Tensor, *, async_op: bool = True
+    ) -> tuple[torch.Tensor, Handle]:
+        """Sum ``tensor`` over ranks into rank ``owner`` only; returns (buffer, handle).
+
+        Half the bytes of :meth:`all_reduce_sum` for data one rank needs. Only the
+        owner's buffer holds the sum once the handle is waited on; the others' buffers
+        are undefined afterwards. At world size 1 the result is the input itself.
+        """
+        if not self.distributed:
+            return tensor, _Done()
+        buf = self._comm(tensor).contiguous()
+        if self.rank != owner:
+            self.bytes_sent += buf.numel() * buf.element_size()
+        self.collectives += 1
+        with self.guard(f"a reduction to rank {owner}"):
+            work = dist.reduce(buf, dst=owner, op=dist.ReduceOp.SUM, async_op=async_op)
+        return buf, (
+            _Guarded(work, self, f"a reduction to rank {owner}") if work is not None else _Done()
+        )
+
     def broadcast_from(
         self, owner: int, tensors: Sequence[torch.Tensor], *, async_op: bool = True
     ) -> tuple[list[torch.Tensor], list[Handle]]:

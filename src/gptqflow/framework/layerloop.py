@@ -422,6 +422,10 @@ class LayerLoop:
             layer.groups.append(group)
             runs.append(group)
         for sid, stage in self.stages:
+            if type(stage).plan_groups is not Stage.plan_groups:
+                with timer.time(sid):
+                    stage.plan_groups(runs, self.ctx)
+        for sid, stage in self.stages:
             with timer.time(sid):
                 stage.on_groups(runs, self.ctx)
         for group in runs:

@@ -22,6 +22,9 @@ A stage is two classes in one file under ``stages/`` (or in another installed pa
   ``on_groups(groups, ctx)``  per *wave*: groups that are independent of each other
                               and reached together (one MoE block's experts); by
                               default ``on_group`` for each, in order
+  ``plan_groups(groups, ctx)``  per wave, before any stage's ``on_groups``: who does
+                              what (solve's placement of experts on ranks), for the
+                              stages before the planner to use
   ``after_layer(layer, ctx)``  per decoder layer, after its forward
   ==========================  ==========================================================
 
@@ -88,6 +91,7 @@ class StageConfig(BaseModel):
 _LAYER_HOOKS = (
     "before_loop",
     "before_layer",
+    "plan_groups",
     "on_group",
     "on_groups",
     "after_layer",
@@ -120,6 +124,16 @@ class Stage:
 
     def before_layer(self, layer: LayerRun, ctx: DistContext) -> None:
         """Before the layer's forward (its inputs, if the loop computes them, are ready)."""
+
+    def plan_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        """Decide who does what for these groups, before any stage's :meth:`on_groups`.
+
+        The loop calls it for every stage that overrides it, in recipe order, and only
+        then the stages' ``on_groups``; the groups' inputs are ready. A stage that plans
+        the work sets ``group.plan`` here, so that stages before it in the recipe can use
+        the plan (``solve`` places a wave's experts on ranks; ``hessian-reduce`` then
+        sends each expert's Hessian to its owner only).
+        """
 
     def on_group(self, group: GroupRun, ctx: DistContext) -> None:
         """One group of target modules that read the same input, before they run."""

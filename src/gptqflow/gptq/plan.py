@@ -69,12 +69,14 @@ __all__ = [
     "balance_by_columns",
     "buckets",
     "layer_prediction",
+    "owner_buckets",
     "pack_groups",
     "plan_digest",
     "plan_group",
     "plan_solve",
     "plan_wave",
     "rank_seconds",
+    "single_owners",
     "split_rows",
     "split_waves",
     "wave_steps",
@@ -349,6 +351,37 @@ def buckets(sizes: Sequence[int], cap: int) -> list[list[int]]:
     return out
 
 
+def single_owners(plans: Sequence[tuple[Sequence[RowSlice], bool]]) -> list[int] | None:
+    """The one rank that solves each group, or None unless every group has exactly one.
+
+    ``plans``: each group's slices and whether its factorisation is shared. A packed
+    wave (:func:`plan_wave`) has one owner per group, which alone needs the group's
+    Hessian: ``hessian-reduce`` then reduces it to that rank instead of to all.
+    """
+    owners = []
+    for slices, shared in plans:
+        ranks = {s.rank for s in slices}
+        if shared or len(ranks) != 1:
+            return None
+        owners.append(ranks.pop())
+    return owners
+
+
+def owner_buckets(
+    sizes: Sequence[int], owners: Sequence[int], cap: int
+) -> list[tuple[int, list[int]]]:
+    """Each owner's groups (indices, in order) in :func:`buckets` of up to ``cap`` bytes.
+
+    Owners in rank order: one reduction per bucket, to its owner. A pure function of
+    its arguments, so every rank cuts the same buckets.
+    """
+    out: list[tuple[int, list[int]]] = []
+    for owner in sorted(set(owners)):
+        mine = [i for i, o in enumerate(owners) if o == owner]
+        out += [(owner, [mine[j] for j in b]) for b in buckets([sizes[i] for i in mine], cap)]
+    return out
+
+
 def pack_groups(seconds: Sequence[float], world_size: int) -> list[int]:
     """The owner rank of each whole group: longest first onto the least loaded rank.
 
@@ -529,8 +562,9 @@ def layer_prediction(
     """Predict one layer's solve at ``world_size`` ranks with ``planner``.
 
     ``cost``: :func:`plan_solve` per group, :func:`plan_wave` per wave (whose Hessians
-    travel in all-reduces of up to ``bucket_bytes``, None: one per group, and whose
-    codes in one broadcast per owner rank); ``even``: :func:`split_rows` per group
+    travel in buckets of up to ``bucket_bytes``, None: one per group: reductions to
+    their owners when packed, all-reduces when cut; and whose codes in one broadcast
+    per owner rank); ``even``: :func:`split_rows` per group
     (the previous planner); ``columns``: :func:`balance_by_columns` over all the
     layer's modules, each solved whole with its own Hessian and factorisation.
     """
@@ -559,8 +593,15 @@ def layer_prediction(
         seconds += wave_s
         hessians = [hessian_bytes(g.cols) for g in step]
         cap = bucket_bytes if bucket_bytes is not None else 0
-        for bucket in buckets(hessians, cap):
-            comm += cost.allreduce_seconds(sum(hessians[i] for i in bucket), world_size)
+        owners = (
+            single_owners([(p.slices, p.shared_factor) for p in plans]) if len(step) > 1 else None
+        )
+        if owners is not None and world_size > 1:  # each to its owner (hessian-reduce)
+            for _, bucket in owner_buckets(hessians, owners, cap):
+                comm += cost.reduce_seconds(sum(hessians[i] for i in bucket), world_size)
+        else:
+            for bucket in buckets(hessians, cap):
+                comm += cost.allreduce_seconds(sum(hessians[i] for i in bucket), world_size)
         h_bytes += sum(hessians)
         by_owner: dict[int, int] = {}
         for g, plan in zip(step, plans):

@@ -13,7 +13,12 @@ lower triangle is never accumulated, so about half the bytes of the whole matrix
 and no copy of it is made). The groups of a wave (one MoE block's
 experts: hundreds of small Hessians) travel in buckets: their packed sums joined into
 one buffer of up to ``bucket_size`` bytes (a group larger than that goes alone), one
-all-reduce per bucket. At world size 1 it is a no-op.
+all-reduce per bucket. When a stage has already placed each group of the wave on one
+rank (``solve`` in its ``plan_groups`` hook packs whole experts onto ranks), only that
+rank needs the Hessian: the buckets are per owner and each is reduced to its owner
+(half the bytes of an all-reduce; the other ranks get ``reduced_hessian`` None); the
+token counts travel in one small all-reduce, unless the planner counted them already.
+At world size 1 it is a no-op.
 
 ```yaml
 stages:
@@ -36,7 +41,7 @@ from gptqflow.framework.registry import register_stage
 from gptqflow.framework.stage import Stage, StageConfig
 from gptqflow.framework.state import GroupRun
 from gptqflow.gptq.hessian import HessianSum
-from gptqflow.gptq.plan import buckets
+from gptqflow.gptq.plan import buckets, owner_buckets, single_owners
 
 
 class HessianReduceStage(Stage):
@@ -48,8 +53,50 @@ class HessianReduceStage(Stage):
     def on_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
         cap = parse_size(self.config.bucket_size)
         sizes = [_local(g).packed_numel * 8 for g in groups]  # float64 bytes
-        for bucket in buckets(sizes, cap):
-            self._reduce([groups[i] for i in bucket], ctx)
+        owners = (
+            single_owners([(g.plan, g.shared_factor) for g in groups])
+            if ctx.distributed and len(groups) > 1
+            else None
+        )
+        if owners is None:
+            for bucket in buckets(sizes, cap):
+                self._reduce([groups[i] for i in bucket], ctx)
+            return
+        # A wave planned before this stage ran (solve's plan_groups), each group on one
+        # rank: only that rank needs the Hessian, so it is reduced there (half the bytes
+        # of an all-reduce); every rank still learns every group's token count (the
+        # planner may have counted them already).
+        if any(g.tokens is None for g in groups):
+            self._count(groups, ctx)
+        for owner, bucket in owner_buckets(sizes, owners, cap):
+            self._reduce_to(owner, [groups[i] for i in bucket], ctx)
+
+    @staticmethod
+    def _count(groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        local = torch.tensor([_local(g).count for g in groups], dtype=torch.float64)
+        total, handle = ctx.all_reduce_sum(local)
+        handle.wait()
+        for group, n in zip(groups, total.tolist()):
+            group.tokens = int(n)
+
+    @staticmethod
+    def _reduce_to(owner: int, groups: list[GroupRun], ctx: DistContext) -> None:
+        """One reduction of the packed sums of ``groups`` to ``owner``, which divides them."""
+        sums = [_local(g) for g in groups]
+        packed = torch.cat([h.packed() for h in sums]) if len(sums) > 1 else sums[0].packed()
+        total, handle = ctx.reduce_sum_to(owner, packed)
+        handle.wait()
+        offset = 0
+        for local in sums:
+            n = local.packed_numel
+            if ctx.rank == owner:
+                local.load_packed(total[offset : offset + n].to(local.device))  # in place
+            offset += n
+        del packed, total, handle
+        for group, local in zip(groups, sums):
+            mine = ctx.rank == owner and local.count > 0
+            group.reduced_hessian = local.finalize() if mine else None
+            group.hessian = None
 
     def _reduce(self, groups: list[GroupRun], ctx: DistContext) -> None:
         """One all-reduce for the packed sums of ``groups``; then each divided once."""

@@ -119,7 +119,21 @@ class SolveStage(Stage):
             )
         _note_shared_factor(group)
 
-    def plan_wave(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+    def plan_groups(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
+        """A wave's placement, made before ``hessian-reduce`` runs so that it can send each
+        expert's Hessian to its owner only. The token counts that decide the min_tokens
+        rule come from the groups' inputs, summed over ranks: the counts the Hessians
+        will have (set as ``group.tokens`` already)."""
+        if len(groups) > 1:
+            tokens = _wave_tokens(groups, ctx)
+            if tokens is not None:
+                for group, n in zip(groups, tokens):
+                    group.tokens = n  # so hessian-reduce need not count them again
+            self.plan_wave(groups, ctx, tokens=tokens)
+
+    def plan_wave(
+        self, groups: Sequence[GroupRun], ctx: DistContext, tokens: Sequence[int] | None = None
+    ) -> None:
         """A wave of independent groups (an MoE block's experts): whole groups onto ranks.
 
         :func:`~gptqflow.gptq.plan.plan_wave` packs them by predicted seconds (a group
@@ -131,10 +145,10 @@ class SolveStage(Stage):
             for group in groups:
                 self.plan(group, ctx)
             return
+        counts = list(tokens) if tokens is not None else [g.tokens for g in groups]
         solves = [
-            self.config.method in SOLVERS
-            and (g.tokens is None or g.tokens >= self.config.min_tokens)
-            for g in groups
+            self.config.method in SOLVERS and (n is None or n >= self.config.min_tokens)
+            for n in counts
         ]
         plans, _ = plan_wave(
             [(g.rows, g.cols) for g in groups], ctx.world_size, self.cost_model(ctx), solves=solves
@@ -157,7 +171,8 @@ class SolveStage(Stage):
         if len(groups) == 1:
             self.on_group(groups[0], ctx)
             return
-        self.plan_wave(groups, ctx)
+        if not all(g.plan for g in groups):  # not yet planned in plan_groups
+            self.plan_wave(groups, ctx)
         for group in groups:
             self._solve(group, ctx)
 
@@ -268,6 +283,17 @@ class SolveStage(Stage):
         if ctx.rank == min(s.rank for s in group.plan):  # one warning per group, not per rank
             log.warning("%s: round-to-nearest instead of GPTQ (%s)", where, reason)
         return reason
+
+
+def _wave_tokens(groups: Sequence[GroupRun], ctx: DistContext) -> list[int] | None:
+    """Each group's calibration tokens over all ranks (one small all-reduce), or None
+    when the loop computed no inputs (round-to-nearest without calibration)."""
+    if any(g.inputs is None for g in groups):
+        return None
+    local = [sum(x.numel() // x.shape[-1] for x in g.input_chunks) for g in groups]
+    total, handle = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
+    handle.wait()
+    return [int(n) for n in total.tolist()]
 
 
 def _note_shared_factor(group: GroupRun) -> None:
