@@ -171,3 +171,27 @@ def test_crash_in_the_evaluation_after_the_checkpoint_resumes(
     reference = Path(single.recipe.output_dir) / "checkpoint"
     assert _files(tmp_path / "checkpoint") == _files(reference)
     assert _report(resumed)["perplexity"] == _report(single)["perplexity"]
+
+
+def test_a_stage_may_read_its_layer_when_a_resume_point_asks(
+    tiny_llama3_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``save_layer`` runs before the loop drops a streamed layer's tensors.
+
+    A plugin that keeps what it changed in the weights (the example norm-scale stage
+    keeps its norm weights) reads them there; dropped first, they were meta tensors and
+    the resume point failed ("Cannot copy out of meta tensor").
+    """
+    from gptqflow.stages.broadcast import BroadcastStage
+
+    original = BroadcastStage.save_layer
+    seen: list[float] = []
+
+    def save_layer(self: Any, layer: Any) -> Any:
+        norm = next(p for n, p in layer.module.named_parameters() if "norm" in n)
+        seen.append(float(norm.detach().cpu().sum()))  # fails on a meta tensor
+        return original(self, layer)
+
+    monkeypatch.setattr(BroadcastStage, "save_layer", save_layer)
+    _run(tiny_llama3_dir, tmp_path / "run", "runtime.checkpoint_every=1")
+    assert len(seen) == 3 and all(v == v for v in seen)

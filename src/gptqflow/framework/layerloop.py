@@ -336,7 +336,10 @@ class LayerLoop:
             self._report(layer, seconds, timer)
             bar.layer_done(seconds)
             hidden = layer.outputs
+            # Resume points ask the stages for what they changed (save_layer), which may
+            # read the layer's tensors: they are dropped only afterwards.
             self.resume.after_layer(state, layer, self.stages, n_layers)
+            self._release(state, index)
             _dispose(layer)
         # The layers' peak, read before an after_loop measurement resets the kernel's mark.
         rss, device = peak_rss(), self.clock.device_peak()
@@ -400,7 +403,6 @@ class LayerLoop:
                     stage.after_layer(layer, ctx)
         finally:
             layer.module.to("cpu")
-        self._release(layer.state, layer.index)
 
     def _release(self, state: PipelineState, index: int) -> None:
         """Drop a finished layer's streamed tensors when they can be read again."""
