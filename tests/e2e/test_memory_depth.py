@@ -73,9 +73,15 @@ def test_streamed_peak_is_flat_across_depth(models: dict[int, Path], tmp_path: P
 
 @pytest.mark.slow
 def test_whole_model_peak_grows_with_depth(models: dict[int, Path], tmp_path: Path) -> None:
+    """The control: the whole model in memory breaks the streamed test's bound.
+
+    Measured, the eager peak grows by about half the extra layers' bytes (74-78 MB of
+    164 MB at 4 -> 16 layers), not all of them, so the control holds it to the bound the
+    streamed test must stay under.
+    """
     shallow = _peak(models[4], tmp_path / "e4", "eager")
     deep = _peak(models[16], tmp_path / "e16", "eager")
-    assert deep - shallow > 0.5 * EXTRA, (shallow, deep)
+    assert deep - shallow > 0.3 * EXTRA, (shallow, deep)
 
 
 def test_a_layer_stage_peak_survives_the_loops_last_step(

@@ -106,8 +106,13 @@ def test_an_unreadable_budget_is_refused(tiny_llama3_dir: Path, tmp_path: Path) 
 def test_gptaq_reads_spilled_inputs_for_its_float_path(
     tiny_llama3_dir: Path, tmp_path: Path
 ) -> None:
-    """float-path runs the first layer over the loop's (spilled) inputs: same bytes."""
+    """float-path runs the first layer over the loop's (spilled) inputs: same bytes.
+
+    Every sample is followed (``sample_stride=1``): a stride needs the samples in memory,
+    and a spilled run with one is refused in pre-flight.
+    """
     a, b = tmp_path / "memory", tmp_path / "spilled"
-    run(tiny_llama3_dir, a, "method=gptaq", "runtime.checkpoint_every=0")
-    run(tiny_llama3_dir, b, "method=gptaq", "runtime.checkpoint_every=0", SPILL)
+    gptaq = ("method=gptaq", "stages.float-path.sample_stride=1", "runtime.checkpoint_every=0")
+    run(tiny_llama3_dir, a, *gptaq)
+    run(tiny_llama3_dir, b, *gptaq, SPILL)
     assert (a / WEIGHTS).read_bytes() == (b / WEIGHTS).read_bytes()
