@@ -208,6 +208,14 @@ class DistContext:
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=async_op)
         return buf, (_Guarded(work, self, "an all-reduce") if work is not None else _Done())
 
+    def sum_values(self, values: Sequence[float]) -> list[float]:
+        """A few numbers (token counts, loss sums) summed over ranks, in one small
+        float64 all-reduce (exact for integers below 2**53); waits for it."""
+        local = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        total, handle = self.all_reduce_sum(local)
+        handle.wait()
+        return [float(v) for v in total.tolist()]
+
     def reduce_sum_to(
         self, owner: int, tensor: torch.Tensor, *, async_op: bool = True
     ) -> tuple[torch.Tensor, Handle]:

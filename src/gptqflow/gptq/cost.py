@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from gptqflow.gptq.cholesky import FACTOR_BLOCK
-from gptqflow.gptq.hessian import STRIP
+from gptqflow.gptq.hessian import packed_numel
 
 __all__ = [
     "CostModel",
@@ -221,8 +221,7 @@ class CostModel:
 def hessian_bytes(cols: int) -> int:
     """What hessian-reduce all-reduces: the accumulated strips of the float64 sum and the
     token count (:meth:`~gptqflow.gptq.hessian.HessianSum.packed`), about half of ``cols²``."""
-    values = sum((min(a + STRIP, cols) - a) * (cols - a) for a in range(0, cols, STRIP))
-    return (values + 1) * 8
+    return packed_numel(cols) * 8
 
 
 def qparam_bytes(

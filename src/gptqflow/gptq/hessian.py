@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["STRIP", "HessianSum", "hessian_update"]
+__all__ = ["STRIP", "HessianSum", "hessian_update", "packed_numel"]
 
 # Rows per strip of the upper triangle: narrow enough to skip most of the lower half,
 # wide enough to keep each matmul efficient.
@@ -69,8 +69,9 @@ class HessianSum:
     @classmethod
     def zeros(cls, cols: int, device: torch.device | str | None = None) -> HessianSum:
         """An empty accumulator for a layer with ``cols`` input features."""
-        numel = sum((b - a) * (cols - a) for a, b in _strips(cols)) + 1
-        return cls(cols=cols, data=torch.zeros(numel, dtype=torch.float64, device=device))
+        return cls(
+            cols=cols, data=torch.zeros(packed_numel(cols), dtype=torch.float64, device=device)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -173,6 +174,11 @@ class HessianSum:
             block = out[a:b, a:b]
             block.copy_(torch.triu(block) + torch.triu(block, diagonal=1).T)
         return out
+
+
+def packed_numel(cols: int) -> int:
+    """Values of a packed Hessian sum (:meth:`HessianSum.packed`): its strips and the count."""
+    return sum((b - a) * (cols - a) for a, b in _strips(cols)) + 1
 
 
 def _strips(cols: int) -> list[tuple[int, int]]:

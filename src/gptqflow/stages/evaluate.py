@@ -73,9 +73,8 @@ def sharded_perplexity(
             if len(mine)
             else (0.0, 0)
         )
-    summed, h = ctx.all_reduce_sum(torch.tensor([nll, n], dtype=torch.float64))
-    h.wait()
-    return math.exp(float(summed[0]) / float(summed[1]))
+    total_nll, total_n = ctx.sum_values([nll, n])
+    return math.exp(total_nll / total_n)
 
 
 def leading_tokens(tokenizer: object, text: str, n_tokens: int) -> torch.Tensor:

@@ -60,61 +60,48 @@ class HessianReduceStage(Stage):
         )
         if owners is None:
             for bucket in buckets(sizes, cap):
-                self._reduce([groups[i] for i in bucket], ctx)
+                self._reduce([groups[i] for i in bucket], ctx, None)
             return
         # A wave planned before this stage ran (solve's plan_groups), each group on one
         # rank: only that rank needs the Hessian, so it is reduced there (half the bytes
         # of an all-reduce); every rank still learns every group's token count (the
         # planner may have counted them already).
         if any(g.tokens is None for g in groups):
-            self._count(groups, ctx)
+            total = ctx.sum_values([_local(g).count for g in groups])
+            for group, n in zip(groups, total):
+                group.tokens = int(n)
         for owner, bucket in owner_buckets(sizes, owners, cap):
-            self._reduce_to(owner, [groups[i] for i in bucket], ctx)
+            self._reduce([groups[i] for i in bucket], ctx, owner)
 
     @staticmethod
-    def _count(groups: Sequence[GroupRun], ctx: DistContext) -> None:
-        local = torch.tensor([_local(g).count for g in groups], dtype=torch.float64)
-        total, handle = ctx.all_reduce_sum(local)
-        handle.wait()
-        for group, n in zip(groups, total.tolist()):
-            group.tokens = int(n)
+    def _reduce(groups: list[GroupRun], ctx: DistContext, owner: int | None) -> None:
+        """One collective for the packed sums of ``groups``; then each divided once.
 
-    @staticmethod
-    def _reduce_to(owner: int, groups: list[GroupRun], ctx: DistContext) -> None:
-        """One reduction of the packed sums of ``groups`` to ``owner``, which divides them."""
+        ``owner`` None: an all-reduce, and every rank divides. Otherwise a reduction to
+        ``owner``, the only rank that divides (the others' sums are dropped); the token
+        counts are already on every group.
+        """
         sums = [_local(g) for g in groups]
         packed = torch.cat([h.packed() for h in sums]) if len(sums) > 1 else sums[0].packed()
-        total, handle = ctx.reduce_sum_to(owner, packed)
+        if owner is None:
+            total, handle = ctx.all_reduce_sum(packed)
+        else:
+            total, handle = ctx.reduce_sum_to(owner, packed)
         handle.wait()
+        holds = owner is None or ctx.rank == owner
         offset = 0
         for local in sums:
             n = local.packed_numel
-            if ctx.rank == owner:
+            if holds:
                 local.load_packed(total[offset : offset + n].to(local.device))  # in place
-            offset += n
-        del packed, total, handle
-        for group, local in zip(groups, sums):
-            mine = ctx.rank == owner and local.count > 0
-            group.reduced_hessian = local.finalize() if mine else None
-            group.hessian = None
-
-    def _reduce(self, groups: list[GroupRun], ctx: DistContext) -> None:
-        """One all-reduce for the packed sums of ``groups``; then each divided once."""
-        sums = [_local(g) for g in groups]
-        packed = torch.cat([h.packed() for h in sums]) if len(sums) > 1 else sums[0].packed()
-        total, handle = ctx.all_reduce_sum(packed)
-        handle.wait()
-        offset = 0
-        for local in sums:
-            n = local.packed_numel
-            local.load_packed(total[offset : offset + n].to(local.device))  # in place
             offset += n
         del packed, total, handle  # a bucket's joined copy goes before the divisions
         for group, local in zip(groups, sums):
-            group.tokens = local.count
+            if owner is None:
+                group.tokens = local.count
             # A group no token reached (an expert the router never chose) has no Hessian;
             # solve's min_tokens rule rounds it to nearest.
-            group.reduced_hessian = local.finalize() if local.count else None
+            group.reduced_hessian = local.finalize() if holds and local.count else None
             group.hessian = None
 
 

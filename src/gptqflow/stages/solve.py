@@ -125,15 +125,13 @@ class SolveStage(Stage):
         rule come from the groups' inputs, summed over ranks: the counts the Hessians
         will have (set as ``group.tokens`` already)."""
         if len(groups) > 1:
-            tokens = _wave_tokens(groups, ctx)
-            if tokens is not None:
-                for group, n in zip(groups, tokens):
-                    group.tokens = n  # so hessian-reduce need not count them again
-            self.plan_wave(groups, ctx, tokens=tokens)
+            if all(g.inputs is not None for g in groups):  # else: rtn without calibration
+                local = [sum(x.numel() // x.shape[-1] for x in g.input_chunks) for g in groups]
+                for group, n in zip(groups, ctx.sum_values(local)):
+                    group.tokens = int(n)  # so hessian-reduce need not count them again
+            self.plan_wave(groups, ctx)
 
-    def plan_wave(
-        self, groups: Sequence[GroupRun], ctx: DistContext, tokens: Sequence[int] | None = None
-    ) -> None:
+    def plan_wave(self, groups: Sequence[GroupRun], ctx: DistContext) -> None:
         """A wave of independent groups (an MoE block's experts): whole groups onto ranks.
 
         :func:`~gptqflow.gptq.plan.plan_wave` packs them by predicted seconds (a group
@@ -145,10 +143,10 @@ class SolveStage(Stage):
             for group in groups:
                 self.plan(group, ctx)
             return
-        counts = list(tokens) if tokens is not None else [g.tokens for g in groups]
         solves = [
-            self.config.method in SOLVERS and (n is None or n >= self.config.min_tokens)
-            for n in counts
+            self.config.method in SOLVERS
+            and (g.tokens is None or g.tokens >= self.config.min_tokens)
+            for g in groups
         ]
         plans, _ = plan_wave(
             [(g.rows, g.cols) for g in groups], ctx.world_size, self.cost_model(ctx), solves=solves
@@ -283,17 +281,6 @@ class SolveStage(Stage):
         if ctx.rank == min(s.rank for s in group.plan):  # one warning per group, not per rank
             log.warning("%s: round-to-nearest instead of GPTQ (%s)", where, reason)
         return reason
-
-
-def _wave_tokens(groups: Sequence[GroupRun], ctx: DistContext) -> list[int] | None:
-    """Each group's calibration tokens over all ranks (one small all-reduce), or None
-    when the loop computed no inputs (round-to-nearest without calibration)."""
-    if any(g.inputs is None for g in groups):
-        return None
-    local = [sum(x.numel() // x.shape[-1] for x in g.input_chunks) for g in groups]
-    total, handle = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64))
-    handle.wait()
-    return [int(n) for n in total.tolist()]
 
 
 def _note_shared_factor(group: GroupRun) -> None:
